@@ -1,0 +1,193 @@
+"""Scaled dot-product attention and multi-head attention (paper section 3.2).
+
+Mask convention (the one used everywhere in this package): a mask is a boolean
+tensor broadcastable to (B, H, T_q, T_k) in which **True means "may attend"**.
+This is the convention of `torch.nn.functional.scaled_dot_product_attention`.
+Padding masks are built by `padding_mask` as (B, 1, 1, T_k); causal and local
+(restricted) masks by `self_attention_mask` as (T_q, T_k). A query row whose keys
+are all masked gets an output of zeros and weights of zeros, never NaN.
+Sequences are right-padded: real tokens first, padding after.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """softmax(Q Kᵀ / sqrt(d_k)) V, equation (1) of the paper.
+
+    q: (B, H, T_q, D), k and v: (B, H, T_k, D), mask: bool, broadcastable to
+    (B, H, T_q, T_k), True = may attend. Returns the output (B, H, T_q, D) and,
+    when `need_weights`, the weights (B, H, T_q, T_k); otherwise None.
+
+    Without `need_weights` this calls the fused kernel
+    (`F.scaled_dot_product_attention`); with it, the written-out formula below.
+    The two paths are tested against each other.
+    """
+    if not need_weights:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return out, None
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T_q, T_k)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    if mask is not None:  # a row with every key masked is all NaN after softmax: make it 0
+        weights = weights.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    out = F.dropout(weights, p=dropout_p) @ v  # (B, H, T_q, D)
+    return out, weights
+
+
+def padding_mask(tokens: Tensor, pad_id: int) -> Tensor:
+    """(B, T) token ids -> (B, 1, 1, T) bool mask, True at real tokens."""
+    return (tokens != pad_id)[:, None, None, :]
+
+
+def self_attention_mask(
+    t_q: int, t_k: int, causal: bool, window: int | None, device: torch.device | None = None
+) -> Tensor | None:
+    """(T_q, T_k) bool mask for self-attention, or None when nothing is masked.
+
+    The queries are the last `t_q` of the `t_k` positions (they follow t_k - t_q cached
+    ones). `causal` forbids keys after the query; `window` = r restricts keys to
+    |i - j| <= r, the paper's restricted self-attention (Table 1).
+    """
+    if not causal and window is None:
+        return None
+    i = torch.arange(t_k - t_q, t_k, device=device)[:, None]  # absolute query positions
+    j = torch.arange(t_k, device=device)[None, :]
+    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=device)
+    if causal:
+        mask &= j <= i
+    if window is not None:
+        mask &= (i - j).abs() <= window
+    return mask
+
+
+class LayerCache:
+    """Keys and values of one attention layer, kept across decoding steps.
+
+    Self-attention appends each step's keys/values into storage that grows by
+    doubling (so a step costs no full copy). Cross-attention stores the keys/values
+    of the encoder output once.
+    """
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None  # (B, H, capacity, D)
+        self.v: Tensor | None = None
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add (B, H, T, D) keys/values; return all so far, (B, H, length, D)."""
+        t = k.size(2)
+        if self.k is None or self.length + t > self.k.size(2):
+            capacity = max(2 * (self.length + t), 16)
+            new_k = k.new_empty(k.size(0), k.size(1), capacity, k.size(3))
+            new_v = v.new_empty(new_k.shape)
+            if self.k is not None:
+                new_k[:, :, : self.length] = self.k[:, :, : self.length]
+                new_v[:, :, : self.length] = self.v[:, :, : self.length]
+            self.k, self.v = new_k, new_v
+        self.k[:, :, self.length : self.length + t] = k
+        self.v[:, :, self.length : self.length + t] = v
+        self.length += t
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def set(self, k: Tensor, v: Tensor) -> None:
+        """Store computed-once keys/values (cross-attention)."""
+        self.k, self.v, self.length = k, v, k.size(2)
+
+    def select(self, index: Tensor) -> None:
+        """Keep batch rows `index` (B',): reorders beams and drops finished sentences."""
+        if self.k is not None:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
+
+
+class KVCache:
+    """The explicit decoding cache: one self- and one cross-attention entry per layer.
+
+    Created empty by the caller, passed to `decode`/`forward`, filled by the
+    attention modules. `length` is the number of target positions decoded so far.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self.self_attn = [LayerCache() for _ in range(n_layers)]
+        self.cross_attn = [LayerCache() for _ in range(n_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.self_attn[0].length if self.self_attn else 0
+
+    def select(self, index: Tensor) -> None:
+        """Keep batch rows `index` in every layer (beam reordering, dropping finished rows)."""
+        for entry in self.self_attn + self.cross_attn:
+            entry.select(index)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (section 3.2.2) for self-attention and cross-attention.
+
+    The Q, K and V projections of all heads are one (3·d_model, d_model) matrix,
+    which is the paper's per-head W_i^Q, W_i^K, W_i^V stacked; W^O is `out_proj`.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.attn_dropout = attn_dropout
+        self.in_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(B, T, H·D) -> (B, H, T, D)"""
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, -1).transpose(1, 2)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = None,
+        mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend from x (B, T, d_model) to itself, or to `memory` (B, S, d_model).
+
+        Self-attention when `memory` is None: with a cache, this step's keys/values
+        are appended to it. Cross-attention otherwise: with a cache, the keys/values
+        of `memory` are computed on the first call and reused after (memory may then
+        be any tensor; it is not read again). Returns (B, T, d_model) and the weights
+        (B, H, T, T_k) when `need_weights`.
+        """
+        d = x.size(-1)
+        w, b = self.in_proj.weight, self.in_proj.bias
+        if memory is None:
+            q, k, v = self.in_proj(x).split(d, dim=-1)
+            q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, T, D)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        else:
+            q = self._heads(F.linear(x, w[:d], b[:d]))
+            if cache is not None and cache.k is not None:
+                k, v = cache.k, cache.v
+            else:
+                k, v = F.linear(memory, w[d:], b[d:]).split(d, dim=-1)
+                k, v = self._heads(k), self._heads(v)  # (B, H, S, D)
+                if cache is not None:
+                    cache.set(k, v)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p, need_weights)
+        out = out.transpose(1, 2).reshape(x.shape)  # (B, T, d_model)
+        return self.out_proj(out), weights

@@ -1,0 +1,97 @@
+"""Model configuration: one frozen dataclass with the paper's defaults, and named presets.
+
+The defaults are the paper's "base" model (Vaswani et al., 2017, Table 3):
+N=6, d_model=512, d_ff=2048, h=8, d_k=d_v=64, P_drop=0.1, post-norm residual blocks,
+sinusoidal positions, embeddings scaled by sqrt(d_model) and shared with the output
+projection. Every field that departs from the paper says so in its comment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import UserError
+
+Arch = Literal["encoder-decoder", "encoder", "decoder"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and options of a Transformer. Names follow the paper."""
+
+    arch: Arch = "encoder-decoder"  # "encoder" = BERT-style, "decoder" = GPT-style
+    vocab_size: int = 37000  # the paper's joint BPE vocabulary for WMT14 en-de
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    dropout: float = 0.1  # residual and embedding dropout (paper section 5.4)
+    attn_dropout: float = 0.0  # on attention weights; the paper uses none
+    norm_first: bool = False  # False = post-norm (paper); True = pre-norm option
+    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    max_len: int = 1024  # longest sequence the positional table covers
+    tie_embeddings: bool = True  # share source, target embedding and output projection
+    attn_window: int | None = None  # restricted self-attention radius r (Table 1); None = full
+    layer_norm_eps: float = 1e-5  # not given in the paper; PyTorch's default
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise UserError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.arch not in ("encoder-decoder", "encoder", "decoder"):
+            raise UserError(f"unknown arch {self.arch!r}")
+        if self.positions not in ("sinusoidal", "learned"):
+            raise UserError(f"unknown positions {self.positions!r}")
+        if self.attn_window is not None and self.attn_window < 0:
+            raise UserError("attn_window must be >= 0")
+
+    @property
+    def d_k(self) -> int:
+        return self.d_model // self.n_heads
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # For tests: runs in milliseconds.
+    "tiny": ModelConfig(
+        vocab_size=1000, d_model=32, n_heads=2, d_ff=64,
+        n_encoder_layers=2, n_decoder_layers=2, max_len=256,
+    ),
+    # For a CPU: trains a useful Multi30k model in minutes.
+    "small": ModelConfig(
+        vocab_size=8000, d_model=256, n_heads=4, d_ff=1024,
+        n_encoder_layers=3, n_decoder_layers=3,
+    ),
+    # The paper's base model (Table 3, first row).
+    "base": ModelConfig(),
+    # The paper's big model (Table 3, last row): P_drop 0.3 as for EN-DE.
+    "big": ModelConfig(d_model=1024, n_heads=16, d_ff=4096, dropout=0.3),
+    # BERT-base shape (Devlin et al., 2019): 12 layers, 768 wide, 12 heads, encoder-only.
+    "bert-base": ModelConfig(
+        arch="encoder", vocab_size=30522, d_model=768, n_heads=12, d_ff=3072,
+        n_encoder_layers=12, n_decoder_layers=0, max_len=512, positions="learned",
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset, with fields replaced by `overrides`."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

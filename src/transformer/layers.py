@@ -1,0 +1,135 @@
+"""Building blocks: positional encodings, the position-wise FFN, encoder and decoder layers.
+
+Each sub-layer is wrapped in a residual connection with layer normalisation:
+post-norm `LayerNorm(x + Dropout(Sublayer(x)))` as in the paper (section 3.1), or
+pre-norm `x + Dropout(Sublayer(LayerNorm(x)))` as an option (`norm_first`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .attention import LayerCache, MultiHeadAttention
+from .config import ModelConfig
+
+
+def sinusoid_table(max_len: int, d_model: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(...): (max_len, d_model)."""
+    pos = torch.arange(max_len, dtype=torch.float64)[:, None]
+    inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    table = torch.zeros(max_len, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq)
+    return table.float()
+
+
+class PositionalEncoding(nn.Module):
+    """Adds position information to (B, T, d_model) embeddings: sinusoidal (paper) or learned."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.max_len = cfg.max_len
+        if cfg.positions == "learned":
+            self.learned = nn.Parameter(torch.zeros(cfg.max_len, cfg.d_model))
+        else:
+            self.learned = None
+            self.register_buffer("table", sinusoid_table(cfg.max_len, cfg.d_model), persistent=False)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """x (B, T, d_model) holds positions offset .. offset+T-1."""
+        end = offset + x.size(1)
+        if end > self.max_len:
+            raise ValueError(f"sequence of {end} positions exceeds the model's max_len={self.max_len}")
+        table = self.learned if self.learned is not None else self.table
+        return x + table[offset:end].to(x.dtype)
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2, equation (2)."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff)
+        self.w2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(torch.relu(self.w1(x)))
+
+
+class Residual(nn.Module):
+    """Residual connection around a sub-layer, with post-norm (paper) or pre-norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.norm_first = cfg.norm_first
+
+    def forward(self, x: Tensor, sublayer) -> tuple[Tensor, Tensor | None]:
+        """`sublayer` maps (B, T, d_model) to (output, attention weights or None)."""
+        if self.norm_first:
+            out, weights = sublayer(self.norm(x))
+            return x + self.dropout(out), weights
+        out, weights = sublayer(x)
+        return self.norm(x + self.dropout(out)), weights
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then FFN (section 3.1, encoder)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff)
+        self.res_attn = Residual(cfg)
+        self.res_ffn = Residual(cfg)
+
+    def forward(self, x: Tensor, mask: Tensor | None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x (B, S, d_model), mask (B, 1, S or 1, S). Returns x and weights (B, H, S, S) or None."""
+        x, weights = self.res_attn(x, lambda h: self.self_attn(h, mask=mask, need_weights=need_weights))
+        x, _ = self.res_ffn(x, lambda h: (self.ffn(h), None))
+        return x, weights
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, then (if `cross`) attention over the encoder output, then FFN."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool = True) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout)
+        self.res_self = Residual(cfg)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout) if cross else None
+        self.res_cross = Residual(cfg) if cross else None
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff)
+        self.res_ffn = Residual(cfg)
+
+    def forward(
+        self,
+        x: Tensor,
+        self_mask: Tensor | None,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        self_cache: LayerCache | None = None,
+        cross_cache: LayerCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x (B, T, d_model), memory (B, S, d_model).
+
+        Returns x and the self- and cross-attention weights ((B, H, T, T_k), (B, H, T, S)) or None.
+        """
+        x, self_w = self.res_self(
+            x, lambda h: self.self_attn(h, mask=self_mask, cache=self_cache, need_weights=need_weights)
+        )
+        cross_w = None
+        if self.cross_attn is not None:
+            x, cross_w = self.res_cross(
+                x,
+                lambda h: self.cross_attn(
+                    h, memory, mask=memory_mask, cache=cross_cache, need_weights=need_weights
+                ),
+            )
+        x, _ = self.res_ffn(x, lambda h: (self.ffn(h), None))
+        return x, self_w, cross_w

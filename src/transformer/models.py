@@ -1,0 +1,243 @@
+"""The three assemblies: EncoderDecoder (translation), EncoderOnly (BERT-style), DecoderOnly (GPT-style).
+
+`forward` returns logits. Loss, search, optimiser, precision and parallelism live in
+other modules. Inputs are right-padded (B, T) token ids; padding masks are derived
+from `cfg.pad_id`. Attention weights are returned through an optional dict the caller
+passes in (`attn_weights`); nothing is stored on the modules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import KVCache, padding_mask, self_attention_mask
+from .config import ModelConfig
+from .layers import DecoderLayer, EncoderLayer, PositionalEncoding
+
+AttnWeights = dict[str, list[Tensor]]
+
+
+class Embedding(nn.Module):
+    """Token embedding × sqrt(d_model), plus positional encoding, then dropout (sections 3.4, 3.5, 5.4)."""
+
+    def __init__(self, cfg: ModelConfig, tokens: nn.Embedding | None = None) -> None:
+        super().__init__()
+        self.tokens = tokens if tokens is not None else nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.positions = PositionalEncoding(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.scale = math.sqrt(cfg.d_model)
+
+    def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
+        """ids (B, T) at positions offset.. -> (B, T, d_model)"""
+        return self.dropout(self.positions(self.tokens(ids) * self.scale, offset))
+
+
+class Encoder(nn.Module):
+    """N encoder layers; a final LayerNorm only with pre-norm (post-norm output is normalised already)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_first else None
+        self.window = cfg.attn_window
+
+    def forward(self, x: Tensor, pad_mask: Tensor, attn_weights: AttnWeights | None = None) -> Tensor:
+        """x (B, S, d_model), pad_mask (B, 1, 1, S) -> (B, S, d_model)"""
+        mask = pad_mask
+        local = self_attention_mask(x.size(1), x.size(1), causal=False, window=self.window, device=x.device)
+        if local is not None:
+            mask = mask & local
+        for layer in self.layers:
+            x, w = layer(x, mask, need_weights=attn_weights is not None)
+            if attn_weights is not None:
+                attn_weights.setdefault("encoder", []).append(w)
+        return self.norm(x) if self.norm is not None else x
+
+
+class Decoder(nn.Module):
+    """N decoder layers with causal self-attention and (when `cross`) encoder-decoder attention."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(cfg, cross) for _ in range(cfg.n_decoder_layers))
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_first else None
+        self.window = cfg.attn_window
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        attn_weights: AttnWeights | None = None,
+    ) -> Tensor:
+        """x (B, T, d_model) follows `cache.length` cached positions; memory (B, S, d_model)."""
+        past = cache.length if cache is not None else 0
+        t = x.size(1)
+        self_mask = self_attention_mask(t, past + t, causal=True, window=self.window, device=x.device)
+        for i, layer in enumerate(self.layers):
+            x, self_w, cross_w = layer(
+                x,
+                self_mask,
+                memory,
+                memory_mask,
+                self_cache=cache.self_attn[i] if cache is not None else None,
+                cross_cache=cache.cross_attn[i] if cache is not None else None,
+                need_weights=attn_weights is not None,
+            )
+            if attn_weights is not None:
+                attn_weights.setdefault("decoder", []).append(self_w)
+                if cross_w is not None:
+                    attn_weights.setdefault("cross", []).append(cross_w)
+        return self.norm(x) if self.norm is not None else x
+
+
+class EncoderDecoder(nn.Module):
+    """The paper's model (Figure 1) for translation."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tgt_embed = Embedding(cfg)
+        # Tied: one matrix for source embedding, target embedding and output projection (section 3.4).
+        self.src_embed = Embedding(cfg, self.tgt_embed.tokens if cfg.tie_embeddings else None)
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg, cross=True)
+        self.out_proj = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def encode(self, src: Tensor, attn_weights: AttnWeights | None = None) -> tuple[Tensor, Tensor]:
+        """src (B, S) -> memory (B, S, d_model) and its padding mask (B, 1, 1, S)."""
+        mask = padding_mask(src, self.cfg.pad_id)
+        return self.encoder(self.src_embed(src), mask, attn_weights), mask
+
+    def decode(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor,
+        cache: KVCache | None = None,
+        attn_weights: AttnWeights | None = None,
+    ) -> Tensor:
+        """tgt (B, T) continuing `cache` -> decoder output (B, T, d_model), before the projection."""
+        offset = cache.length if cache is not None else 0
+        return self.decoder(self.tgt_embed(tgt, offset), memory, memory_mask, cache, attn_weights)
+
+    def project(self, h: Tensor) -> Tensor:
+        """(B, T, d_model) -> logits (B, T, vocab)"""
+        return self.out_proj(h) if self.out_proj is not None else F.linear(h, self.tgt_embed.tokens.weight)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_decoder_layers)
+
+    def forward(self, src: Tensor, tgt: Tensor, attn_weights: AttnWeights | None = None) -> Tensor:
+        """src (B, S), tgt (B, T) (shifted right, starting with BOS) -> logits (B, T, vocab)"""
+        memory, memory_mask = self.encode(src, attn_weights)
+        return self.project(self.decode(tgt, memory, memory_mask, attn_weights=attn_weights))
+
+
+class DecoderOnly(nn.Module):
+    """GPT-style causal language model: the decoder stack without cross-attention."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.decoder = Decoder(cfg, cross=False)
+        self.out_proj = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_decoder_layers)
+
+    def forward(
+        self, tokens: Tensor, cache: KVCache | None = None, attn_weights: AttnWeights | None = None
+    ) -> Tensor:
+        """tokens (B, T) continuing `cache` -> logits (B, T, vocab)"""
+        offset = cache.length if cache is not None else 0
+        h = self.decoder(self.embed(tokens, offset), cache=cache, attn_weights=attn_weights)
+        return self.out_proj(h) if self.out_proj is not None else F.linear(h, self.embed.tokens.weight)
+
+
+class EncoderOnly(nn.Module):
+    """BERT-style bidirectional encoder with a masked-LM head.
+
+    The head follows BERT (Devlin et al., 2019): dense, GELU, LayerNorm, then the
+    (tied) vocabulary projection with a bias. The blocks themselves are the paper's (ReLU FFN).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.encoder = Encoder(cfg)
+        self.head = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        )
+        self.out_proj = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, tokens: Tensor, attn_weights: AttnWeights | None = None) -> Tensor:
+        """tokens (B, T) -> logits (B, T, vocab)"""
+        h = self.head(self.encoder(self.embed(tokens), padding_mask(tokens, self.cfg.pad_id), attn_weights))
+        weight = self.out_proj.weight if self.out_proj is not None else self.embed.tokens.weight
+        return F.linear(h, weight, self.out_bias)
+
+
+def init_weights(model: nn.Module) -> None:
+    """Initialise in place. The paper gives no scheme; we follow common practice:
+
+    Xavier-uniform linear weights and zero biases (as `nn.Transformer`), embeddings
+    N(0, d_model^-0.5) so that after the sqrt(d_model) scale they have unit variance,
+    learned positions N(0, 0.02), LayerNorm at (1, 0).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=module.embedding_dim**-0.5)
+        elif isinstance(module, PositionalEncoding) and module.learned is not None:
+            nn.init.normal_(module.learned, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The assembly named by `cfg.arch`, initialised."""
+    model_class = {"encoder-decoder": EncoderDecoder, "encoder": EncoderOnly, "decoder": DecoderOnly}[cfg.arch]
+    model = model_class(cfg)
+    init_weights(model)
+    return model
+
+
+def _numel(module: nn.Module | None) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameter counts per component; shared (tied) tensors are counted once in `total`."""
+    counts: dict[str, int] = {}
+    seen: set[int] = set()
+    for name, child in model.named_children():
+        n = sum(p.numel() for p in child.parameters() if id(p) not in seen)
+        seen.update(id(p) for p in child.parameters())
+        if n:
+            key = "embeddings" if isinstance(child, Embedding) else name
+            counts[key] = counts.get(key, 0) + n
+    for name, p in model.named_parameters(recurse=False):
+        counts[name] = p.numel()
+    counts["total"] = sum(p.numel() for p in model.parameters())  # parameters() deduplicates
+    layer = next((m for m in model.modules() if isinstance(m, (EncoderLayer, DecoderLayer))), None)
+    if layer is not None:
+        counts["per_attention_block"] = _numel(layer.self_attn)
+        counts["per_ffn_block"] = _numel(layer.ffn)
+    for stack in ("encoder", "decoder"):
+        sub = getattr(model, stack, None)
+        if sub is not None and len(sub.layers):
+            counts[f"per_{stack}_layer"] = _numel(sub.layers[0])
+    return counts

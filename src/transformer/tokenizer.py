@@ -1,0 +1,147 @@
+"""Subword tokenizer: a thin wrapper over a SentencePiece model.
+
+The ids of the special tokens are fixed for every model this package trains:
+``<pad>`` = 0, ``<unk>`` = 1, ``<s>`` (BOS) = 2, ``</s>`` (EOS) = 3. Encoding
+never adds BOS/EOS; `transformer.data.collate` does that.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+
+from transformer.errors import UserError
+
+MODEL_TYPES = ("bpe", "unigram", "char")
+
+# SentencePiece's unigram trainer gives different models for different thread
+# counts, so training uses a fixed count rather than the machine's.
+_TRAIN_THREADS = 8
+
+
+class Tokenizer:
+    """Text <-> token ids, backed by a SentencePiece model with fixed special ids."""
+
+    PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+    def __init__(self, processor: spm.SentencePieceProcessor) -> None:
+        self._sp = processor
+
+    @classmethod
+    def train(
+        cls,
+        sentences: Iterable[str],
+        vocab_size: int,
+        model_type: str = "bpe",
+        character_coverage: float = 1.0,
+        user_symbols: Sequence[str] = (),
+    ) -> "Tokenizer":
+        """Train a model in memory on `sentences` (one sentence per item).
+
+        Deterministic for the same sentences and options. At most 2,000,000
+        sentences (a shuffled sample of a bigger corpus) are used. Raises
+        `UserError` when `vocab_size` does not suit the corpus.
+        """
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, not {model_type!r}")
+        model = io.BytesIO()
+        spm.set_random_generator_seed(0)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences),
+                model_writer=model,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=character_coverage,
+                user_defined_symbols=list(user_symbols),
+                pad_id=cls.PAD,
+                unk_id=cls.UNK,
+                bos_id=cls.BOS,
+                eos_id=cls.EOS,
+                input_sentence_size=2_000_000,
+                shuffle_input_sentence=True,
+                num_threads=_TRAIN_THREADS,
+                minloglevel=2,
+            )
+        except RuntimeError as e:
+            raise UserError(_training_problem(str(e), vocab_size)) from None
+        return cls.from_bytes(model.getvalue())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Tokenizer":
+        """Tokenizer from a serialized SentencePiece model (as `to_bytes` gives).
+
+        Raises `ValueError` if `data` is not a model with this package's special ids.
+        """
+        processor = spm.SentencePieceProcessor()
+        try:
+            processor.LoadFromSerializedProto(data)
+        except RuntimeError:
+            raise ValueError("not a SentencePiece model") from None
+        ids = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
+        if ids != (cls.PAD, cls.UNK, cls.BOS, cls.EOS):
+            raise ValueError(f"special ids pad/unk/bos/eos are {ids}, expected (0, 1, 2, 3)")
+        return cls(processor)
+
+    def to_bytes(self) -> bytes:
+        """The serialized SentencePiece model proto."""
+        return self._sp.serialized_model_proto()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Read a model file written from `to_bytes`; `UserError` naming `path` on failure."""
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file") from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read tokenizer model ({e.strerror})") from None
+        try:
+            return cls.from_bytes(data)
+        except ValueError as e:
+            raise UserError(f"{path}: bad tokenizer model: {e}") from None
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without BOS/EOS. Extra whitespace is ignored."""
+        return self._sp.encode(texts, out_type=int)
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        """Detokenized text of each id list; pad, BOS and EOS ids are dropped wherever they are."""
+        skip = {self.PAD, self.BOS, self.EOS}
+        return self._sp.decode([[i for i in seq if i not in skip] for seq in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        """The piece string of id `i`, e.g. ``"▁the"``."""
+        return self._sp.id_to_piece(i)
+
+    def piece_to_id(self, piece: str) -> int:
+        """The id of `piece`, or `UNK` if it is not in the vocabulary."""
+        return self._sp.piece_to_id(piece)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+        return self._sp.get_piece_size()
+
+
+def _training_problem(message: str, vocab_size: int) -> str:
+    """A one-line explanation of a SentencePiece training failure."""
+    too_high = re.search(r"Vocabulary size too high .*<= (\d+)", message)
+    if too_high:
+        return (
+            f"--vocab-size {vocab_size} is too large for this training text; "
+            f"use --vocab-size {too_high.group(1)} or less"
+        )
+    too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+    if too_low:
+        return (
+            f"--vocab-size {vocab_size} is smaller than the {too_low.group(1)} characters and "
+            "special tokens of the training text; raise it or lower the character coverage"
+        )
+    if "!sentences_.empty()" in message:
+        return "no text to train the tokenizer on"
+    return "tokenizer training failed: " + " ".join(message.split())

@@ -1,0 +1,99 @@
+"""The written-out and the fused attention paths agree, under every kind of mask."""
+
+import pytest
+import torch
+
+from transformer.attention import (
+    LayerCache,
+    MultiHeadAttention,
+    padding_mask,
+    scaled_dot_product_attention,
+    self_attention_mask,
+)
+
+
+def _qkv(b=3, h=2, t=7, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, t, d, generator=g) for _ in range(3)]
+
+
+def _masks(t=7):
+    tokens = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 0, 0, 0, 0], [5, 0, 0, 0, 0, 0, 0]])
+    pad = padding_mask(tokens, pad_id=0)  # (3, 1, 1, 7)
+    return {
+        "none": None,
+        "padding": pad,
+        "causal": self_attention_mask(t, t, causal=True, window=None),
+        "local": self_attention_mask(t, t, causal=False, window=2),
+        "causal+local": self_attention_mask(t, t, causal=True, window=1),
+        "padding+causal": pad & self_attention_mask(t, t, causal=True, window=None),
+        "padding+local": pad & self_attention_mask(t, t, causal=False, window=1),
+    }
+
+
+@pytest.mark.parametrize("name", list(_masks()))
+def test_fused_and_written_out_paths_agree(name):
+    q, k, v = _qkv()
+    mask = _masks()[name]
+    fused, none = scaled_dot_product_attention(q, k, v, mask)
+    explicit, weights = scaled_dot_product_attention(q, k, v, mask, need_weights=True)
+    assert none is None
+    assert not torch.isnan(fused).any() and not torch.isnan(explicit).any()
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=0)
+    full = torch.ones(weights.shape, dtype=torch.bool) if mask is None else mask.expand(weights.shape)
+    # Weights sum to 1 over the allowed keys, and are exactly 0 on masked keys.
+    has_key = full.any(-1)
+    torch.testing.assert_close(weights.sum(-1)[has_key], torch.ones(int(has_key.sum())), atol=1e-6, rtol=0)
+    assert (weights[~full] == 0).all()
+
+
+def test_fully_masked_row_gives_zeros_not_nan():
+    q, k, v = _qkv()
+    mask = torch.ones(3, 1, 7, 7, dtype=torch.bool)
+    mask[1, 0, 2] = False  # query 2 of sentence 1 may attend to nothing
+    for need_weights in (False, True):
+        out, weights = scaled_dot_product_attention(q, k, v, mask, need_weights=need_weights)
+        assert not torch.isnan(out).any()
+        assert (out[1, :, 2] == 0).all()
+        assert out[1, :, 3].abs().sum() > 0
+        if weights is not None:
+            assert (weights[1, :, 2] == 0).all()
+
+
+def test_local_window_mask_shape_and_content():
+    mask = self_attention_mask(5, 5, causal=False, window=1)
+    expected = torch.tensor(
+        [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1]], dtype=torch.bool
+    )
+    assert torch.equal(mask, expected)
+    # Queries that follow cached positions are aligned to the end of the keys.
+    assert torch.equal(self_attention_mask(2, 5, causal=True, window=None), torch.tril(torch.ones(5, 5, dtype=torch.bool))[3:])
+    assert self_attention_mask(4, 4, causal=False, window=None) is None
+
+
+def test_multihead_module_paths_agree_and_weights_per_head():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(d_model=16, n_heads=4).eval()
+    x = torch.randn(2, 5, 16)
+    memory = torch.randn(2, 6, 16)
+    mask = padding_mask(torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]), 0)
+    for mem in (None, memory):
+        m = None if mem is None else mask
+        fast, none = mha(x, mem, mask=m)
+        slow, weights = mha(x, mem, mask=m, need_weights=True)
+        assert none is None
+        assert weights.shape == (2, 4, 5, 5 if mem is None else 6)
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    assert not any("weight" in k for k in vars(mha) if not k.startswith("_"))  # nothing stashed
+
+
+def test_layer_cache_appends_beyond_capacity_and_selects_rows():
+    cache = LayerCache()
+    chunks = [torch.randn(3, 2, n, 4) for n in (1, 20, 1, 5)]
+    for c in chunks:
+        k, v = cache.append(c, -c)
+    full = torch.cat(chunks, dim=2)
+    assert torch.equal(k, full) and torch.equal(v, -full)
+    cache.select(torch.tensor([2, 0]))
+    k, _ = cache.append(torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 4))
+    assert torch.equal(k[:, :, :-1], full[[2, 0]])
