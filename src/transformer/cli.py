@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
 
 from .config import PRESETS, preset
 from .errors import UserError
@@ -30,6 +32,160 @@ def _params(args: argparse.Namespace) -> None:
         print(f"  {name:<22} {n:>14,}")
 
 
+def _model_config(args: argparse.Namespace):
+    """The preset named by --preset with the model flags the user gave applied."""
+    overrides = {
+        field: getattr(args, field)
+        for field in ("d_model", "n_heads", "d_ff", "dropout", "max_len", "attn_window")
+        if getattr(args, field) is not None
+    }
+    if args.layers is not None:
+        overrides |= {"n_encoder_layers": args.layers, "n_decoder_layers": args.layers}
+    if args.norm_first:
+        overrides["norm_first"] = True
+    return preset(args.preset, **overrides)
+
+
+def _train_config(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    if args.data is not None:
+        data = Path(args.data)
+        paths = {
+            "train_src": data / f"train.{args.src}", "train_tgt": data / f"train.{args.tgt}",
+            "valid_src": data / f"valid.{args.src}", "valid_tgt": data / f"valid.{args.tgt}",
+        }
+    else:
+        paths = {k: getattr(args, k) for k in ("train_src", "train_tgt", "valid_src", "valid_tgt")}
+        missing = [f"--{k.replace('_', '-')}" for k, v in paths.items() if v is None]
+        if missing:
+            raise UserError(f"give --data DIR (with --src/--tgt), or all of {', '.join(missing)}")
+    return TrainConfig(
+        **{k: Path(v) for k, v in paths.items()},
+        out=Path(args.out), vocab_size=args.vocab_size, tokenizer_type=args.tokenizer,
+        max_tokens=args.max_tokens, update_freq=args.update_freq, max_steps=args.max_steps,
+        max_epochs=args.max_epochs, max_minutes=args.max_minutes, warmup=args.warmup, lr_scale=args.lr_scale,
+        label_smoothing=args.label_smoothing, clip_norm=args.clip_norm, seed=args.seed,
+        precision=args.precision, device=args.device, valid_every=args.valid_every,
+        valid_bleu_lines=args.valid_bleu_lines, keep_last=args.keep_last, log_every=args.log_every,
+        resume=args.resume, progress=not args.no_progress,
+    )
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    train(_train_config(args), _model_config(args), say=_say)
+
+
+def _say(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def _search_config(args: argparse.Namespace):
+    from .decode import SearchConfig
+
+    return SearchConfig(beam=args.beam, alpha=args.alpha, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
+
+
+def _load(args: argparse.Namespace):
+    from .checkpoint import load_model_dir
+    from .translate import resolve_device
+
+    return load_model_dir(Path(args.model), resolve_device(args.device))
+
+
+def _read_input(path: str | None) -> tuple[list[str], str]:
+    from .data import read_lines
+
+    if path is None or path == "-":
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"stdin: invalid UTF-8 at byte {e.start}") from None
+        lines = [line.rstrip("\r") for line in text.split("\n")]
+        return lines[:-1] if lines[-1] == "" else lines, "stdin"
+    return read_lines(path), path
+
+
+def _translate_text(args: argparse.Namespace, lines: list[str], name: str) -> list[str]:
+    from .translate import translate_lines
+
+    model, _, tokenizer, _ = _load(args)
+    return translate_lines(
+        model, tokenizer, lines, _search_config(args), args.batch_size, progress=not args.no_progress, source_name=name
+    )
+
+
+def _translate(args: argparse.Namespace) -> None:
+    lines, name = _read_input(args.input)
+    text = "".join(h + "\n" for h in _translate_text(args, lines, name))
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .data import read_lines
+    from .evaluate import score
+
+    refs = read_lines(args.ref)
+    if args.hyp is not None:
+        hyps = read_lines(args.hyp)
+    elif args.model is not None and args.src is not None:
+        hyps = _translate_text(args, read_lines(args.src), args.src)
+    else:
+        raise UserError("give --hyp FILE, or --model DIR with --src FILE")
+    scores = score(hyps, refs)
+    print(json.dumps(scores.to_json()) if args.json else scores)
+
+
+def _average(args: argparse.Namespace) -> None:
+    from .checkpoint import write_average
+
+    write_average([Path(p) for p in args.models], Path(args.out))
+    print(f"averaged {len(args.models)} checkpoints into {args.out}", file=sys.stderr)
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from .plots import plot_training
+
+    for path in plot_training(Path(args.run), Path(args.out) if args.out else None):
+        print(path)
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    """Train a small en->de model on the bundled Multi30k, then score it on test2016."""
+    from .checkpoint import load_model_dir
+    from .corpora import multi30k_dir
+    from .data import read_lines
+    from .decode import SearchConfig
+    from .evaluate import score
+    from .train import TrainConfig, train
+    from .translate import translate_lines
+
+    data = multi30k_dir()
+    cfg = TrainConfig(
+        train_src=data / "train.en", train_tgt=data / "train.de",
+        valid_src=data / "valid.en", valid_tgt=data / "valid.de", out=Path(args.out),
+        vocab_size=8000, max_tokens=4096, warmup=1000, lr_scale=2.0, max_minutes=args.minutes,
+        valid_every=500, valid_bleu_lines=500, keep_last=3, resume=args.resume, device=args.device,
+    )
+    start = time.perf_counter()
+    run = train(cfg, preset("small"), say=_say)
+    model, _, tokenizer, meta = load_model_dir(run, cfg.device if cfg.device != "auto" else "cpu")
+    src, ref = read_lines(data / "test2016.en"), read_lines(data / "test2016.de")
+    hyps = translate_lines(model, tokenizer, src, SearchConfig(beam=4, alpha=0.6), batch_size=64, progress=True)
+    print(f"Multi30k test2016 en->de, best checkpoint (step {meta['best']['step']}), beam 4:")
+    print(score(hyps, ref))
+    for s, h in list(zip(src, hyps))[:5]:
+        print(f"  EN: {s}\n  DE: {h}")
+    print(f"total time {(time.perf_counter() - start) / 60:.1f} min; model in {run}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transformer",
@@ -37,12 +193,98 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("params", help="print parameter counts of a preset",
-                       description="Print parameter counts per component and in total.")
-    p.add_argument("--preset", default="base", help=f"one of: {', '.join(PRESETS)} (default: base)")
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    def model_dir_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    def search_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy")
+        p.add_argument("--alpha", type=float, default=0.6, help="length penalty ((5+|Y|)/6)^alpha")
+        p.add_argument("--max-len-a", type=float, default=1.0, help="max output length = a*|source| + b")
+        p.add_argument("--max-len-b", type=int, default=50, help="max output length = a*|source| + b")
+        p.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
+
+    p = command("params", _params, "Print parameter counts per component and in total.")
+    p.add_argument("--preset", default="base", help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default: the preset's)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
-    p.set_defaults(func=_params)
+
+    p = command("train", _train, "Train a translation model on parallel text files.")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", help="folder with train.SRC, train.TGT, valid.SRC, valid.TGT")
+    data.add_argument("--src", default="en", help="source language suffix, with --data")
+    data.add_argument("--tgt", default="de", help="target language suffix, with --data")
+    for name in ("train-src", "train-tgt", "valid-src", "valid-tgt"):
+        data.add_argument(f"--{name}", help=f"{name.replace('-', ' ')} file (instead of --data)")
+    data.add_argument("--vocab-size", type=int, default=8000, help="joint vocabulary size")
+    data.add_argument("--tokenizer", default="bpe", choices=["bpe", "unigram"], help="sentencepiece model type")
+    p.add_argument("--out", required=True, help="run directory (the best model is written at its top)")
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", default="small", help=f"one of: {', '.join(PRESETS)}")
+    model.add_argument("--d-model", type=int, help="override the preset's d_model")
+    model.add_argument("--n-heads", type=int, help="override the preset's number of heads")
+    model.add_argument("--d-ff", type=int, help="override the preset's FFN width")
+    model.add_argument("--layers", type=int, help="override the encoder and decoder depth")
+    model.add_argument("--dropout", type=float, help="override the preset's dropout")
+    model.add_argument("--max-len", type=int, help="longest sequence in tokens")
+    model.add_argument("--attn-window", type=int, help="restricted self-attention radius r")
+    model.add_argument("--norm-first", action="store_true", help="pre-norm blocks instead of the paper's post-norm")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
+    opt.add_argument("--update-freq", type=int, default=1, help="batches accumulated per optimiser step")
+    opt.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    opt.add_argument("--max-epochs", type=int, help="stop after this many epochs")
+    opt.add_argument("--max-minutes", type=float, help="stop after this much wall-clock time")
+    opt.add_argument("--warmup", type=int, default=4000, help="warm-up steps of the learning-rate schedule")
+    opt.add_argument("--lr-scale", type=float, default=1.0, help="multiplies the paper's learning rate")
+    opt.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of label smoothing")
+    opt.add_argument("--clip-norm", type=float, help="clip the gradient norm to this value")
+    opt.add_argument("--seed", type=int, default=1, help="random seed")
+    opt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                     help="auto = bf16 autocast on a GPU that supports it, else fp32")
+    run = p.add_argument_group("run")
+    run.add_argument("--valid-every", type=int, default=1000, help="steps between validations and checkpoints")
+    run.add_argument("--valid-bleu-lines", type=int, help="decode only the first N validation lines for BLEU")
+    run.add_argument("--keep-last", type=int, default=5, help="checkpoints kept")
+    run.add_argument("--log-every", type=int, default=50, help="steps between log records")
+    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    model_dir_flags(run)
+
+    p = command("translate", _translate, "Translate sentences from stdin (or --input) to stdout (or --output).")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--input", help="input file, one sentence per line (default: stdin)")
+    p.add_argument("--output", help="output file (default: stdout)")
+    search_flags(p)
+    model_dir_flags(p)
+
+    p = command("evaluate", _evaluate, "Score translations with sacreBLEU and chrF (and print the signatures).")
+    p.add_argument("--ref", required=True, help="reference translations, one per line")
+    p.add_argument("--hyp", help="hypotheses to score, one per line")
+    p.add_argument("--model", help="model directory: translate --src first")
+    p.add_argument("--src", help="source sentences to translate with --model")
+    p.add_argument("--json", action="store_true", help='print {"bleu", "chrf", "signature"} as JSON')
+    search_flags(p)
+    model_dir_flags(p)
+
+    p = command("average", _average, "Average the weights of checkpoints (the paper averages the last 5).")
+    p.add_argument("models", nargs="+", help="model or checkpoint directories")
+    p.add_argument("--out", required=True, help="model directory to write")
+
+    p = command("plot", _plot, "Write PNG training curves (loss, validation BLEU, learning rate).")
+    p.add_argument("run", help="run directory holding log.jsonl")
+    p.add_argument("--out", help="PNG file to write (default: RUN/curves.png)")
+
+    p = command("quickstart", _quickstart,
+                "Train a small English->German model on the bundled Multi30k, then score it on test2016.")
+    p.add_argument("--out", default="runs/quickstart", help="run directory")
+    p.add_argument("--minutes", type=float, default=10.0, help="training time budget")
+    p.add_argument("--resume", action="store_true", help="continue a previous quick start")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return parser
 
 

@@ -1,0 +1,355 @@
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from transformer import checkpoint
+from transformer.checkpoint import (
+    average_checkpoints,
+    checkpoint_dir,
+    list_checkpoints,
+    load_model_dir,
+    load_train_state,
+    load_weights,
+    prune_checkpoints,
+    save_model_dir,
+    save_weights,
+    write_average,
+)
+from transformer.config import preset
+from transformer.errors import UserError
+from transformer.models import build_model
+from transformer.tokenizer import Tokenizer
+
+CFG = preset("tiny", vocab_size=64, n_encoder_layers=1, n_decoder_layers=1)
+
+
+@pytest.fixture(scope="module")
+def tok_bytes() -> bytes:
+    return Tokenizer.train(["the cat sat on the mat", "a dog ran", "hello world"] * 10, vocab_size=30).to_bytes()
+
+
+@functools.cache
+def model_filled(value: float) -> nn.Module:
+    """A tiny model whose every weight equals `value`: a save can be identified by any tensor. Do not modify."""
+    model = build_model(CFG)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
+    return model
+
+
+def saved_value(path: Path) -> float:
+    """The single value of the model saved in `path`, checking it matches meta and train_state."""
+    model, _, _, meta = load_model_dir(path)
+    values = torch.cat([p.flatten() for p in model.parameters()]).unique()
+    assert len(values) == 1, "weights from two different saves"
+    assert meta["value"] == values.item()
+    state = load_train_state(path)
+    assert state is None or state["value"] == values.item()
+    return values.item()
+
+
+def test_roundtrip(tmp_path: Path, tok_bytes: bytes) -> None:
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    state = {"step": 7, "rng": torch.get_rng_state(), "optimizer": {"lr": [1.0]}, "data": (3, 12)}
+    save_model_dir(tmp_path / "m", model, CFG, tok_bytes, train_state=state, meta={"bleu": 1.5})
+
+    loaded, cfg, tok, meta = load_model_dir(tmp_path / "m")
+    assert cfg == CFG and meta == {"bleu": 1.5} and tok.to_bytes() == tok_bytes
+    assert not loaded.training
+    assert loaded.src_embed.tokens.weight is loaded.tgt_embed.tokens.weight  # still tied
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    src, tgt = torch.randint(4, CFG.vocab_size, (2, 5)), torch.randint(4, CFG.vocab_size, (2, 4))
+    model.eval()
+    torch.testing.assert_close(loaded(src, tgt), model(src, tgt), rtol=0, atol=0)
+
+    with safe_open(tmp_path / "m" / "model.safetensors", "pt") as f:
+        assert len(list(f.keys())) == len(model.state_dict()) - 1  # the tied matrix is stored once
+    got = load_train_state(tmp_path / "m")
+    assert got["step"] == 7 and torch.equal(got["rng"], state["rng"]) and got["data"] == (3, 12)
+
+    save_model_dir(tmp_path / "m", model, CFG, tok_bytes)  # overwrite without a train state
+    assert load_train_state(tmp_path / "m") is None
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.proj = nn.Linear(4, 10, bias=False)
+        self.proj.weight = self.embed.weight
+        self.register_buffer("counter", torch.tensor(3))
+
+
+def test_save_load_weights_keeps_ties(tmp_path: Path) -> None:
+    a, b = Tied(), Tied()
+    save_weights(a, tmp_path / "w.safetensors")
+    load_weights(b, tmp_path / "w.safetensors")
+    assert b.proj.weight is b.embed.weight
+    assert torch.equal(b.embed.weight, a.embed.weight)
+    with pytest.raises(UserError, match="w.safetensors"):
+        load_weights(nn.Linear(4, 10), tmp_path / "w.safetensors")
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
+    """Make the k-th file-system step (write, fsync, rename, unlink, rmdir) raise Crash, a torn write half done."""
+    calls = [0]
+
+    def step() -> bool:
+        calls[0] += 1
+        return calls[0] == k
+
+    def wrap(fn):
+        def crashing(*args, **kwargs):
+            if step():
+                raise Crash
+            return fn(*args, **kwargs)
+
+        return crashing
+
+    for name in ("replace", "rename", "fsync", "unlink", "rmdir"):
+        monkeypatch.setattr(os, name, wrap(getattr(os, name)))
+    write = checkpoint._write_file
+
+    def torn_write(path: Path, data: bytes) -> None:
+        if step():
+            Path(path).write_bytes(data[: len(data) // 2])
+            raise Crash
+        write(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_file", torn_write)
+
+
+def crash_every_step(setup, save, check) -> int:
+    """For k = 1, 2, ...: `setup`, run `save` crashing at step k, `check`; stops when `save` completes.
+
+    Returns the number of crash points covered.
+    """
+    for k in range(1, 1000):
+        setup()
+        with pytest.MonkeyPatch.context() as mp:
+            crash_at(mp, k)
+            try:
+                save()
+                done = True
+            except Crash:
+                done = False
+        check()
+        if done:
+            return k - 1
+    raise AssertionError("save never completed")
+
+
+def test_crash_while_replacing_a_directory(tmp_path: Path, tok_bytes: bytes) -> None:
+    run = tmp_path / "run"
+    seen = set()
+
+    def setup() -> None:
+        shutil.rmtree(run, ignore_errors=True)
+        save_model_dir(run, model_filled(1.0), CFG, tok_bytes, train_state={"value": 1.0}, meta={"value": 1.0})
+        save_model_dir(checkpoint_dir(run, 5), model_filled(1.0), CFG, tok_bytes, meta={"value": 1.0})
+        (run / "log.jsonl").write_text("log\n")
+
+    def save() -> None:
+        save_model_dir(run, model_filled(2.0), CFG, tok_bytes, train_state={"value": 2.0}, meta={"value": 2.0})
+
+    def check() -> None:
+        seen.add(saved_value(run))  # loads, and holds the old or the new save, never a mix
+        assert (run / "log.jsonl").read_text() == "log\n"  # the run's other contents are untouched
+        assert saved_value(checkpoint_dir(run, 5)) == 1.0
+        save_model_dir(run, model_filled(3.0), CFG, tok_bytes, meta={"value": 3.0})  # the next save recovers
+        assert saved_value(run) == 3.0
+        assert sorted(p.name for p in run.iterdir()) == [
+            "checkpoints", "config.json", "log.jsonl", "model.safetensors", "tokenizer.model"
+        ]
+
+    assert crash_every_step(setup, save, check) > 20
+    assert seen == {1.0, 2.0}
+
+
+def test_crash_while_creating_a_directory(tmp_path: Path, tok_bytes: bytes) -> None:
+    run = tmp_path / "run"
+    outcomes = set()
+
+    def setup() -> None:
+        shutil.rmtree(run, ignore_errors=True)
+        run.mkdir()
+
+    def save() -> None:
+        save_model_dir(checkpoint_dir(run, 9), model_filled(2.0), CFG, tok_bytes, meta={"value": 2.0})
+
+    def check() -> None:
+        listed = list_checkpoints(run)
+        outcomes.add(len(listed))
+        if listed:  # the directory appears complete or not at all
+            assert listed == [checkpoint_dir(run, 9)] and saved_value(listed[0]) == 2.0
+        else:
+            with pytest.raises(UserError, match="step_00000009"):
+                load_model_dir(checkpoint_dir(run, 9))
+        shutil.rmtree(checkpoint_dir(run, 9), ignore_errors=True)
+        save()  # the next save cleans up what the crash left
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000009"]
+
+    assert crash_every_step(setup, save, check) > 5
+    assert outcomes == {0, 1}
+
+
+def test_crash_while_pruning(tmp_path: Path, tok_bytes: bytes) -> None:
+    run = tmp_path / "run"
+
+    def setup() -> None:
+        shutil.rmtree(run, ignore_errors=True)
+        for step in (1, 2, 3):
+            save_model_dir(checkpoint_dir(run, step), model_filled(step), CFG, tok_bytes, meta={"value": step})
+
+    def check() -> None:
+        listed = list_checkpoints(run)
+        assert listed[-1] == checkpoint_dir(run, 3)
+        for path in listed:
+            saved_value(path)
+        prune_checkpoints(run, 1)
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000003"]
+
+    assert crash_every_step(setup, lambda: prune_checkpoints(run, 1), check) > 2
+
+
+_SAVE_FOREVER = """
+import sys
+import torch
+from transformer.checkpoint import checkpoint_dir, prune_checkpoints, save_model_dir
+from transformer.config import preset
+from transformer.models import build_model
+
+run, cfg = sys.argv[1], preset("tiny")
+tok = open(sys.argv[2], "rb").read()
+model = build_model(cfg)
+for value in range(1, 10**6):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
+    save_model_dir(run, model, cfg, tok, train_state={"value": value}, meta={"value": value})
+    save_model_dir(checkpoint_dir(run, value), model, cfg, tok, meta={"value": value})
+    prune_checkpoints(run, 2)
+    print(value, flush=True)
+"""
+
+
+def test_sigkill_while_saving(tmp_path: Path, tok_bytes: bytes) -> None:
+    run = tmp_path / "run"
+    (tmp_path / "tok.model").write_bytes(tok_bytes)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SAVE_FOREVER, str(run), str(tmp_path / "tok.model")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    for _ in range(5):
+        assert child.stdout.readline()
+    time.sleep(0.037)  # land somewhere inside a save
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    child.stdout.close()
+
+    assert saved_value(run) >= 5
+    listed = list_checkpoints(run)
+    assert 2 <= len(listed) <= 3
+    for path in listed:
+        saved_value(path)
+
+
+def test_average(tmp_path: Path, tok_bytes: bytes) -> None:
+    torch.manual_seed(0)
+    a, b = build_model(CFG), build_model(CFG)
+    save_model_dir(tmp_path / "a", a, CFG, tok_bytes, train_state={"step": 1}, meta={"step": 1})
+    save_model_dir(tmp_path / "b", b, CFG, tok_bytes, meta={"step": 2})
+
+    mean = average_checkpoints([tmp_path / "a", tmp_path / "b"])
+    assert mean.keys() == a.state_dict().keys()
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(mean[name], (x + y) / 2, msg=name)
+
+    write_average([tmp_path / "a", tmp_path / "b"], tmp_path / "avg")
+    model, cfg, _, meta = load_model_dir(tmp_path / "avg")
+    assert cfg == CFG and meta == {"step": 1, "averaged_from": [str(tmp_path / "a"), str(tmp_path / "b")]}
+    assert load_train_state(tmp_path / "avg") is None
+    assert model.src_embed.tokens.weight is model.tgt_embed.tokens.weight
+    for name, x in model.state_dict().items():
+        assert torch.equal(x, mean[name]), name
+
+    other = CFG.replace(d_ff=48)
+    save_model_dir(tmp_path / "c", build_model(other), other, tok_bytes)
+    with pytest.raises(UserError, match="config differs"):
+        average_checkpoints([tmp_path / "a", tmp_path / "c"])
+    save_model_dir(tmp_path / "d", Tied(), CFG, tok_bytes)  # same config, different tensors
+    with pytest.raises(UserError, match="names or shapes differ"):
+        average_checkpoints([tmp_path / "a", tmp_path / "d"])
+
+
+def test_list_and_prune(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    names = ["step_00000300", "step_00000020", "step_100000000", "step_00001000", "step_12", ".tmp-step_00000005-9"]
+    for name in names:
+        (root / name).mkdir(parents=True)
+    (root / "step_00000007").write_text("a file, not a checkpoint")
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "step_00000020", "step_00000300", "step_00001000", "step_100000000"
+    ]
+    assert checkpoint_dir(tmp_path, 20) == root / "step_00000020"
+    prune_checkpoints(tmp_path, 2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00001000", "step_100000000"]
+    prune_checkpoints(tmp_path, 5)
+    assert len(list_checkpoints(tmp_path)) == 2
+    prune_checkpoints(tmp_path, 0)
+    assert list_checkpoints(tmp_path) == [] and list_checkpoints(tmp_path / "nowhere") == []
+
+
+def test_bad_model_dirs(tmp_path: Path, tok_bytes: bytes) -> None:
+    def fails(path: Path, match: str) -> None:
+        with pytest.raises(UserError, match=match) as info:
+            load_model_dir(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+    fails(tmp_path / "missing", "no such directory")
+    (tmp_path / "empty").mkdir()
+    fails(tmp_path / "empty", r"is not a model directory \(no config.json\)")
+
+    good = tmp_path / "good"
+    save_model_dir(good, build_model(CFG), CFG, tok_bytes, train_state={"step": 1})
+    for name, content, match in [
+        ("config.json", b"{not json", "invalid JSON"),
+        ("config.json", b'{"model": {"d_model": 30}}', "bad model config"),
+        ("config.json", b'{"meta": {}}', 'no "model" section'),
+        ("tokenizer.model", b"junk", "bad tokenizer model"),
+        ("model.safetensors", (good / "model.safetensors").read_bytes()[:-10], "not a valid weights file"),
+        ("train_state.pt", b"junk", "cannot read training state"),
+    ]:
+        bad = tmp_path / f"bad-{name}-{len(content)}"
+        shutil.copytree(good, bad)
+        (bad / name).write_bytes(content)
+        if name == "train_state.pt":
+            with pytest.raises(UserError, match=match):
+                load_train_state(bad)
+        else:
+            fails(bad, match)
+
+    wrong = tmp_path / "wrong-shapes"
+    shutil.copytree(good, wrong)
+    save_weights(build_model(CFG.replace(d_ff=48)), wrong / "model.safetensors")
+    fails(wrong, "weights do not fit the model")
+    (wrong / "model.safetensors").unlink()
+    fails(wrong, "has no model.safetensors")

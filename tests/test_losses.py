@@ -1,0 +1,65 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from transformer.losses import label_smoothed_cross_entropy
+
+PAD = 0
+
+
+def test_hand_computed_example() -> None:
+    rows = [[1.0, 2.0, 0.5, -1.0, 0.0], [0.3, 0.1, 0.2, 3.0, -2.0]]
+    logits = torch.tensor([rows])  # (1, 2, V=5)
+    target = torch.tensor([[3, PAD]])  # second position is padding
+    eps = 0.1
+    log_z = math.log(sum(math.exp(x) for x in rows[0]))
+    lp = [x - log_z for x in rows[0]]
+    # gold 3 gets 1 - eps; tokens 1, 2, 4 get eps / (5 - 2) each; pad 0 gets nothing
+    expected = -(1 - eps) * lp[3] - eps / 3 * (lp[1] + lp[2] + lp[4])
+
+    loss, nll, n = label_smoothed_cross_entropy(logits, target, eps, PAD)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
+    assert math.isclose(nll.item(), -lp[3], rel_tol=1e-6)
+    assert n.item() == 1
+
+
+def test_no_smoothing_is_cross_entropy() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    target = torch.randint(1, 11, (3, 7))
+    target[0, 4:] = PAD
+    target[2, 1:] = PAD
+    expected = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=PAD, reduction="sum")
+    loss, nll, n = label_smoothed_cross_entropy(logits, target, epsilon=0.0, pad_id=PAD)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(nll, expected)
+    assert n.item() == 7 + 4 + 1
+    _, nll_smoothed, _ = label_smoothed_cross_entropy(logits, target, epsilon=0.1, pad_id=PAD)
+    torch.testing.assert_close(nll_smoothed, expected)
+
+
+def test_gradient_is_softmax_minus_smoothed_target() -> None:
+    torch.manual_seed(1)
+    vocab, eps = 6, 0.2
+    logits = torch.randn(4, vocab, requires_grad=True)
+    target = torch.tensor([2, 5, PAD, 1])
+    label_smoothed_cross_entropy(logits, target, eps, PAD)[0].backward()
+
+    q = torch.full((4, vocab), eps / (vocab - 2))
+    q[:, PAD] = 0.0
+    q[torch.arange(4), target] = 1 - eps
+    expected = torch.softmax(logits.detach(), -1) - q
+    expected[2] = 0.0  # padded position: no gradient at all
+    torch.testing.assert_close(logits.grad, expected)
+    # the pad logit is only pushed down by its own probability: no target mass on pad
+    torch.testing.assert_close(logits.grad[[0, 1, 3], PAD], torch.softmax(logits.detach(), -1)[[0, 1, 3], PAD])
+
+
+def test_bf16_logits_use_fp32_math() -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(5, 9, dtype=torch.bfloat16)
+    target = torch.randint(1, 9, (5,))
+    loss, nll, _ = label_smoothed_cross_entropy(logits, target)
+    assert loss.dtype == nll.dtype == torch.float32
+    torch.testing.assert_close(loss, label_smoothed_cross_entropy(logits.float(), target)[0])

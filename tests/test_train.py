@@ -1,0 +1,200 @@
+"""Translation end to end through the command line: train, translate, evaluate, average, plot, resume, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformer.checkpoint import list_checkpoints, load_model_dir
+from transformer.cli import main
+from transformer.corpora import multi30k_dir
+
+N_TRAIN = 300
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A few hundred Multi30k en-de pairs, as plain files."""
+    root = tmp_path_factory.mktemp("data")
+    source = multi30k_dir()
+    for split, n in (("train", N_TRAIN), ("valid", 40)):
+        for lang in ("en", "de"):
+            lines = (source / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()[:n]
+            (root / f"{split}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--data", str(data), "--src", "en", "--tgt", "de", "--out", str(out),
+        "--preset", "tiny", "--vocab-size", "400", "--max-tokens", "600", "--warmup", "10",
+        "--lr-scale", "2", "--log-every", "1", "--valid-every", "4", "--no-progress", "--seed", "3", *extra,
+    ]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(_train_args(data, out, "--max-steps", "30", "--keep-last", "2")) == 0
+    return out
+
+
+def test_train_writes_a_self_contained_model_dir_and_logs(trained):
+    for name in ("config.json", "tokenizer.model", "model.safetensors", "log.jsonl"):
+        assert (trained / name).is_file()
+    records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    valid_records = [r for r in records if r["kind"] == "valid"]
+    assert [r["step"] for r in train_records] == list(range(1, 31))
+    assert all({"loss", "lr", "tokens_per_s"} <= set(r) for r in train_records)
+    assert [r["step"] for r in valid_records] == [4, 8, 12, 16, 20, 24, 28, 30]
+    assert all({"loss", "ppl", "bleu"} <= set(r) for r in valid_records)
+    assert train_records[-1]["loss"] < train_records[0]["loss"] - 1.0  # it learns
+    checkpoints = list_checkpoints(trained)
+    assert [c.name for c in checkpoints] == ["step_00000028", "step_00000030"]  # keep-last 2
+    _, _, _, meta = load_model_dir(trained)
+    best_valid = max(valid_records, key=lambda r: r["bleu"])
+    assert meta["best"]["bleu"] == best_valid["bleu"]
+
+
+def test_translate_and_evaluate(trained, data, tmp_path, capsys):
+    hyp = tmp_path / "hyp.de"
+    assert main(["translate", "--model", str(trained), "--input", str(data / "valid.en"),
+                 "--output", str(hyp), "--beam", "2", "--no-progress"]) == 0
+    lines = hyp.read_text(encoding="utf-8").split("\n")
+    assert len(lines) == 41 and lines[-1] == ""  # 40 translations, in order, newline-terminated
+    assert main(["evaluate", "--hyp", str(hyp), "--ref", str(data / "valid.de"), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert 0 <= scores["bleu"] <= 100 and 0 <= scores["chrf"] <= 100
+    assert "nrefs:1" in scores["signature"]["bleu"]
+    # evaluate --model --src translates first and gives the same score for the same search.
+    assert main(["evaluate", "--model", str(trained), "--src", str(data / "valid.en"),
+                 "--ref", str(data / "valid.de"), "--beam", "2", "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["bleu"] == scores["bleu"]
+
+
+def test_translate_reads_stdin_and_writes_stdout(trained):
+    result = subprocess.run(
+        [sys.executable, "-m", "transformer", "translate", "--model", str(trained), "--beam", "1"],
+        input="A man is riding a horse.\nTwo dogs play in the snow.\n", capture_output=True, text=True, check=True,
+    )
+    assert len(result.stdout.splitlines()) == 2
+
+
+def test_average_of_checkpoints(trained, tmp_path):
+    a, b = list_checkpoints(trained)
+    out = tmp_path / "avg"
+    assert main(["average", str(a), str(b), "--out", str(out)]) == 0
+    averaged, *_ = load_model_dir(out)
+    first, *_ = load_model_dir(a)
+    second, *_ = load_model_dir(b)
+    for (name, p), q, r in zip(averaged.state_dict().items(), first.state_dict().values(), second.state_dict().values()):
+        torch.testing.assert_close(p, (q + r) / 2, msg=name)
+
+
+def test_plot_writes_png(trained, tmp_path):
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(trained), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_gives_the_same_losses(data, tmp_path):
+    full = tmp_path / "full"
+    assert main(_train_args(data, full, "--max-steps", "14")) == 0
+    part = tmp_path / "part"
+    assert main(_train_args(data, part, "--max-steps", "6")) == 0
+    # A killed run may have logged steps after its last checkpoint: resume must drop them.
+    with (part / "log.jsonl").open("a") as f:
+        f.write(json.dumps({"kind": "train", "step": 7, "loss": 99.0}) + "\n" + '{"kind": "tra')
+    assert main(_train_args(data, part, "--max-steps", "14", "--resume")) == 0
+    expected, got = _losses(full), _losses(part)
+    assert sorted(got) == list(range(1, 15))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+
+
+def test_refuses_to_overwrite_a_run_without_resume(data, trained, capsys):
+    assert main(_train_args(data, trained, "--max-steps", "1")) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _error(args: list[str], capsys) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("transformer ") and ": error: " in last
+    return last
+
+
+def test_bad_input_errors(data, tmp_path, capsys):
+    good = ["--valid-src", str(data / "valid.en"), "--valid-tgt", str(data / "valid.de")]
+
+    def train_args(src: Path, tgt: Path, *extra: str) -> list[str]:
+        return ["train", "--train-src", str(src), "--train-tgt", str(tgt), *good, "--out", str(tmp_path / "x"),
+                "--preset", "tiny", "--vocab-size", "100", "--no-progress", "--max-steps", "1", *extra]
+
+    en, de = data / "train.en", data / "train.de"
+    err = _error(train_args(tmp_path / "missing.en", de), capsys)
+    assert "missing.en" in err and "no such file" in err
+    short = _write(tmp_path / "short.de", b"eins\nzwei\n")
+    err = _error(train_args(en, short), capsys)
+    assert f"{N_TRAIN} lines" in err and "short.de has 2" in err
+    bad = _write(tmp_path / "bad.de", "ok\n".encode() * 5 + b"\xff bad\n" + "ok\n".encode() * (N_TRAIN - 6))
+    err = _error(train_args(en, bad), capsys)
+    assert "bad.de:6:" in err and "UTF-8" in err
+    empty_en, empty_de = _write(tmp_path / "e.en", b"\n\n"), _write(tmp_path / "e.de", b"\n\n")
+    assert "empty corpus" in _error(train_args(empty_en, empty_de), capsys)
+    lines = en.read_text(encoding="utf-8").splitlines()
+    lines[9] = " ".join(lines[:40])  # far over the 64-token limit below
+    long_en = _write(tmp_path / "long.en", ("\n".join(lines) + "\n").encode())
+    err = _error(train_args(long_en, de, "--max-len", "64", "--max-tokens", "100000"), capsys)
+    assert "long.en:10:" in err and "tokens" in err
+    assert "unknown preset" in _error(train_args(en, de, "--preset", "gigantic"), capsys)
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in _error(train_args(en, de, "--device", "cuda"), capsys)
+    not_a_model = tmp_path / "nothing"
+    not_a_model.mkdir()
+    err = _error(["translate", "--model", str(not_a_model), "--input", str(en)], capsys)
+    assert "not a model directory" in err
+
+
+def test_empty_lines_are_skipped_and_counted(data, tmp_path, capsys):
+    en = (data / "train.en").read_text().splitlines()
+    de = (data / "train.de").read_text().splitlines()
+    en[5], de[9] = "", ""
+    src = _write(tmp_path / "t.en", ("\n".join(en) + "\n").encode())
+    tgt = _write(tmp_path / "t.de", ("\n".join(de) + "\n").encode())
+    assert main(["train", "--train-src", str(src), "--train-tgt", str(tgt), "--valid-src", str(data / "valid.en"),
+                 "--valid-tgt", str(data / "valid.de"), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                 "--vocab-size", "400", "--max-steps", "1", "--no-progress"]) == 0
+    assert "skipped 2 pair(s)" in capsys.readouterr().err
+
+
+def test_cli_error_exit_code_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "transformer", "translate", "--model", str(tmp_path / "nope")],
+        input="", capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "nope" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["params", "train", "translate", "evaluate", "average", "plot", "quickstart"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: transformer " + command in capsys.readouterr().out
