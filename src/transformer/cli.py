@@ -171,8 +171,8 @@ def _quickstart(args: argparse.Namespace) -> None:
     cfg = TrainConfig(
         train_src=data / "train.en", train_tgt=data / "train.de",
         valid_src=data / "valid.en", valid_tgt=data / "valid.de", out=Path(args.out),
-        vocab_size=8000, max_tokens=4096, warmup=1000, lr_scale=2.0, max_minutes=args.minutes,
-        valid_every=500, valid_bleu_lines=500, keep_last=3, resume=args.resume, device=args.device,
+        vocab_size=8000, max_tokens=2048, warmup=400, lr_scale=0.5, max_minutes=args.minutes,
+        valid_every=250, valid_bleu_lines=300, keep_last=3, resume=args.resume, device=args.device,
     )
     start = time.perf_counter()
     run = train(cfg, preset("small"), say=_say)
