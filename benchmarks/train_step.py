@@ -5,6 +5,7 @@ Systems, all in this process on the same machine, all with label smoothing 0.1, 
   * nn.Transformer: torch.nn.Transformer given the same tied embeddings (×√d_model),
                     sinusoidal positions and tied output projection; PyTorch's own
                     F.cross_entropy(label_smoothing=0.1, ignore_index=pad)
+  * ours+compile:   ours under torch.compile (optional: --systems ours ours+compile)
   * hf-marian:      transformers.MarianMTModel of the same sizes (post-norm, ReLU,
                     sinusoidal positions, shared embeddings), random init, the same
                     F.cross_entropy
@@ -93,6 +94,8 @@ class Marian(nn.Module):
 def build(system: str, cfg: ModelConfig) -> nn.Module:
     if system == "ours":
         return build_model(cfg)
+    if system == "ours+compile":
+        return torch.compile(build_model(cfg))
     if system == "nn.Transformer":
         return TorchReference(cfg)
     return Marian(cfg)
@@ -166,7 +169,7 @@ def make_step(system: str, cfg: ModelConfig, precision: str, batch: int, length:
     tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
 
     def loss_fn(logits: torch.Tensor) -> torch.Tensor:
-        if system == "ours":
+        if system.startswith("ours"):
             loss, _, n = label_smoothed_cross_entropy(logits, tgt_out, 0.1, 0)
             return loss / n
         return F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=0, label_smoothing=0.1)
@@ -214,7 +217,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["small", "base"], choices=list(VOCAB))
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    parser.add_argument("--systems", nargs="+", default=["ours", "nn.Transformer", "hf-marian"])
+    parser.add_argument("--systems", nargs="+", default=["ours", "nn.Transformer", "hf-marian"],
+                        choices=["ours", "ours+compile", "nn.Transformer", "hf-marian"])
     parser.add_argument("--batch", type=int, default=160, help="sentences per batch")
     parser.add_argument("--length", type=int, default=25, help="source and target length")
     parser.add_argument("--bf16-batch", type=int, default=None, help="smaller batch for bf16 (slow on CPUs without native bf16)")
