@@ -87,7 +87,9 @@ def _say(message: str) -> None:
 def _search_config(args: argparse.Namespace):
     from .decode import SearchConfig
 
-    return SearchConfig(beam=args.beam, alpha=args.alpha, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
+    return SearchConfig(
+        beam=args.beam, alpha=args.alpha, max_len_a=args.max_len_a, max_len_b=args.max_len_b, min_len=args.min_len
+    )
 
 
 def _load(args: argparse.Namespace):
@@ -114,6 +116,16 @@ def _translate_text(args: argparse.Namespace, lines: list[str], name: str) -> li
     from .translate import translate_lines
 
     model, _, tokenizer, _ = _load(args)
+    if args.precision != "fp32" or args.quantize != "none" or args.compile:
+        from .decode import DecodingModel
+
+        try:
+            model = DecodingModel(
+                model, precision=args.precision, quantize=None if args.quantize == "none" else args.quantize,
+                compile=args.compile,
+            )
+        except ValueError as e:
+            raise UserError(str(e)) from None
     return translate_lines(
         model, tokenizer, lines, _search_config(args), args.batch_size, progress=not args.no_progress, source_name=name
     )
@@ -207,7 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--alpha", type=float, default=0.6, help="length penalty ((5+|Y|)/6)^alpha")
         p.add_argument("--max-len-a", type=float, default=1.0, help="max output length = a*|source| + b")
         p.add_argument("--max-len-b", type=int, default=50, help="max output length = a*|source| + b")
+        p.add_argument("--min-len", type=int, default=0, help="no end of sentence before this many tokens")
         p.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
+        p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                       help="int8: dynamic int8 quantization of the linear layers (CPU; faster at large batches)")
+        p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                       help="weights for decoding (bf16 is slow on CPUs without native bf16)")
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (slow start; falls back to eager if it fails)")
 
     p = command("params", _params, "Print parameter counts per component and in total.")
     p.add_argument("--preset", default="base", help=f"one of: {', '.join(PRESETS)}")
@@ -285,7 +304,158 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=10.0, help="training time budget")
     p.add_argument("--resume", action="store_true", help="continue a previous quick start")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _language_model_commands(sub)
     return parser
+
+
+def _loop_config(args: argparse.Namespace):
+    from .train import LoopConfig
+
+    return LoopConfig(
+        out=Path(args.out), max_steps=args.max_steps, max_minutes=args.max_minutes, lr=args.lr,
+        schedule=args.schedule, warmup=args.warmup, decay_steps=args.decay_steps, min_lr=args.min_lr,
+        weight_decay=args.weight_decay, beta2=args.beta2, clip_norm=args.clip_norm or None, seed=args.seed,
+        precision=args.precision, device=args.device, valid_every=args.valid_every, keep_last=args.keep_last,
+        log_every=args.log_every, resume=args.resume, progress=not args.no_progress,
+    )
+
+
+def _lm_model_config(args: argparse.Namespace):
+    cfg = _model_config(args)
+    return cfg.replace(positions=args.positions) if args.positions else cfg
+
+
+def _lm_train(args: argparse.Namespace) -> None:
+    from .lm import LMConfig, train_lm
+
+    cfg = LMConfig(
+        text=Path(args.text), loop=_loop_config(args), vocab=args.vocab, vocab_size=args.vocab_size,
+        valid_fraction=args.valid_fraction, block_size=args.block_size, batch_size=args.batch_size,
+        eval_batches=args.eval_batches,
+    )
+    train_lm(cfg, _lm_model_config(args), say=_say)
+
+
+def _lm_sample(args: argparse.Namespace) -> None:
+    from .lm import generate
+
+    model, cfg, tokenizer, _ = _load(args)
+    if cfg.arch != "decoder":
+        raise UserError(f"{args.model}: not a decoder-only language model (arch {cfg.arch!r})")
+    prompt = args.prompt.encode("utf-8").decode("unicode_escape") if args.escapes else args.prompt
+    text = generate(model, tokenizer, prompt, args.tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _mlm_train(args: argparse.Namespace) -> None:
+    from .mlm import MLMConfig, train_mlm
+
+    cfg = MLMConfig(
+        text=Path(args.text), loop=_loop_config(args), valid=Path(args.valid) if args.valid else None,
+        vocab_size=args.vocab_size, batch_size=args.batch_size, max_len=args.max_len or 128,
+        mask_prob=args.mask_prob,
+    )
+    train_mlm(cfg, _lm_model_config(args).replace(max_len=cfg.max_len), say=_say)
+
+
+def _mlm_fill(args: argparse.Namespace) -> None:
+    from .mlm import fill
+
+    model, cfg, tokenizer, _ = _load(args)
+    if cfg.arch != "encoder":
+        raise UserError(f"{args.model}: not a BERT-style encoder (arch {cfg.arch!r})")
+    for n, fillers in enumerate(fill(model, tokenizer, args.text, args.top_k), 1):
+        print(f"[MASK] {n}: " + "  ".join(f"{word or '∅'} {p:.3f}" for word, p in fillers))
+
+
+def _language_model_commands(sub) -> None:
+    """`transformer lm {train,sample}` (GPT-style) and `transformer mlm {train,fill}` (BERT-style)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    def group(name: str, help: str):
+        p = sub.add_parser(name, help=help, description=help, formatter_class=fmt)
+        return p.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+
+    def command(subs, name: str, func, help: str) -> argparse.ArgumentParser:
+        p = subs.add_parser(name, help=help, description=help, formatter_class=fmt)
+        p.set_defaults(func=func)
+        return p
+
+    def train_flags(p: argparse.ArgumentParser, preset_default: str, lr: float, warmup: int, beta2: float) -> None:
+        p.add_argument("--text", required=True, help="training text (UTF-8)")
+        p.add_argument("--out", required=True, help="run directory (the best model is written at its top)")
+        model = p.add_argument_group("model")
+        model.add_argument("--preset", default=preset_default, help=f"one of: {', '.join(PRESETS)}")
+        model.add_argument("--d-model", type=int, help="override the preset's d_model")
+        model.add_argument("--n-heads", type=int, help="override the preset's number of heads")
+        model.add_argument("--d-ff", type=int, help="override the preset's FFN width")
+        model.add_argument("--layers", type=int, help="override the preset's depth")
+        model.add_argument("--dropout", type=float, help="override the preset's dropout")
+        model.add_argument("--norm-first", action="store_true", help="pre-norm blocks instead of the paper's post-norm")
+        model.add_argument("--positions", choices=["sinusoidal", "learned"], help="override the preset's positions")
+        p.set_defaults(attn_window=None)
+        opt = p.add_argument_group("optimisation (AdamW, warm-up, then a schedule)")
+        opt.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+        opt.add_argument("--max-minutes", type=float, help="stop after this much wall-clock time (whole run)")
+        opt.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+        opt.add_argument("--schedule", default="cosine", choices=["cosine", "constant", "inverse-sqrt"],
+                         help="after warm-up: cosine decay to --min-lr, constant, or the paper's inverse sqrt")
+        opt.add_argument("--warmup", type=int, default=warmup, help="linear warm-up steps")
+        opt.add_argument("--decay-steps", type=int, help="cosine: step where --min-lr is reached (default: --max-steps)")
+        opt.add_argument("--min-lr", type=float, help="cosine: final learning rate (default: --lr / 10)")
+        opt.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the matrices")
+        opt.add_argument("--beta2", type=float, default=beta2, help="Adam beta2")
+        opt.add_argument("--clip-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+        opt.add_argument("--seed", type=int, default=1, help="random seed")
+        opt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                         help="auto = bf16 autocast on a GPU that supports it, else fp32")
+        run = p.add_argument_group("run")
+        run.add_argument("--valid-every", type=int, default=250, help="steps between validations and checkpoints")
+        run.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
+        run.add_argument("--log-every", type=int, default=50, help="steps between log records")
+        run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        model_dir_flags(run)
+
+    def model_dir_flags(p) -> None:
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    lm = group("lm", "GPT-style decoder-only language model: train on a text file, sample from it.")
+    p = command(lm, "train", _lm_train, "Train a decoder-only language model on a text file.")
+    train_flags(p, "small", lr=1e-3, warmup=100, beta2=0.99)
+    data = p.add_argument_group("data")
+    data.add_argument("--vocab", default="char", choices=["char", "bpe"], help="one token per character, or BPE")
+    data.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary size (with --vocab bpe)")
+    data.add_argument("--valid-fraction", type=float, default=0.1, help="the last part of the text held out")
+    data.add_argument("--block-size", type=int, default=64, help="context length in tokens")
+    data.add_argument("--batch-size", type=int, default=12, help="windows per optimiser step")
+    data.add_argument("--eval-batches", type=int, default=50, help="validation batches (fixed) per evaluation")
+    p.set_defaults(max_len=None)
+    p = command(lm, "sample", _lm_sample, "Continue a prompt with a trained language model.")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--escapes", action="store_true", help="interpret backslash escapes such as \\n in --prompt")
+    p.add_argument("--tokens", type=int, default=500, help="number of tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (1 = greedy)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: the most likely tokens with mass p")
+    p.add_argument("--seed", type=int, default=1, help="random seed (the same seed gives the same text)")
+    model_dir_flags(p)
+
+    mlm = group("mlm", "BERT-style encoder-only masked language model: train on sentences, fill in [MASK].")
+    p = command(mlm, "train", _mlm_train, "Train a masked language model on a text file, one sentence per line.")
+    train_flags(p, "small", lr=5e-4, warmup=200, beta2=0.98)
+    data = p.add_argument_group("data")
+    data.add_argument("--valid", help="validation sentences (default: the last 5%% of --text)")
+    data.add_argument("--vocab-size", type=int, default=8000, help="BPE vocabulary size")
+    data.add_argument("--batch-size", type=int, default=128, help="sentences per optimiser step")
+    data.add_argument("--max-len", type=int, default=128, help="longest sequence in tokens ([CLS], [SEP] included)")
+    data.add_argument("--mask-prob", type=float, default=0.15, help="share of the tokens chosen for prediction")
+    p = command(mlm, "fill", _mlm_fill, "Print the most likely fillers of each [MASK] in a sentence.")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("text", help='a sentence with [MASK], e.g. "a man [MASK] a horse ."')
+    p.add_argument("--top-k", type=int, default=5, help="fillers printed per [MASK]")
+    model_dir_flags(p)
 
 
 def main(argv: list[str] | None = None) -> int:

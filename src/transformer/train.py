@@ -293,3 +293,209 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, say: Callable[[str], None] =
         checkpoint_and_validate()
     say(f"done: step {step}, epoch {epoch}, best validation BLEU {best_bleu:.2f}; best model in {out}")
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Shared machinery for the language models (`transformer.lm`, `transformer.mlm`).
+#
+# The loop below is the translation loop's machinery without its data specifics: progress
+# bar, JSON-lines log, atomic checkpoints (the run directory laid out as for translation),
+# the best model at the top of the run directory, exact resume, bf16 autocast, stopping
+# after max steps or minutes. The data of optimiser step s is a pure function of
+# (seed, s), so a checkpoint needs only the step besides the optimiser, scheduler and RNG
+# states.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The options of `fit` that every language-model trainer shares."""
+
+    out: Path
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    lr: float = 1e-3  # peak learning rate
+    schedule: str = "cosine"  # cosine | constant | inverse-sqrt
+    warmup: int = 100  # linear warm-up steps
+    decay_steps: int | None = None  # cosine: steps to reach min_lr (default: max_steps, else 5000)
+    min_lr: float | None = None  # cosine floor (default: lr / 10)
+    weight_decay: float = 0.1  # AdamW, on matrices only
+    beta2: float = 0.99
+    clip_norm: float | None = 1.0
+    seed: int = 1
+    precision: str = "auto"
+    device: str = "auto"
+    valid_every: int = 250
+    keep_last: int = 3
+    log_every: int = 50
+    resume: bool = False
+    progress: bool = True
+
+
+def lr_factor(step: int, cfg: LoopConfig) -> float:
+    """Multiplier of cfg.lr for optimiser update number `step` (1-based).
+
+    Linear warm-up over cfg.warmup steps, then: constant; cosine decay to min_lr at
+    decay_steps (constant after); or the paper's inverse square root (lr at the end of warm-up).
+    """
+    warmup = max(cfg.warmup, 0)
+    if warmup and step <= warmup:
+        return step / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "inverse-sqrt":
+        return math.sqrt(max(warmup, 1) / step)
+    if cfg.schedule == "cosine":
+        total = cfg.decay_steps or cfg.max_steps or 5000
+        floor = (cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10) / cfg.lr
+        progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise UserError(f"--schedule {cfg.schedule}: choose cosine, constant or inverse-sqrt")
+
+
+def make_adamw(model: torch.nn.Module, cfg: LoopConfig):
+    """AdamW (beta1 0.9, beta2 cfg.beta2), weight decay on matrices only, and its lr schedule."""
+    if cfg.schedule not in ("cosine", "constant", "inverse-sqrt"):
+        raise UserError(f"--schedule {cfg.schedule}: choose cosine, constant or inverse-sqrt")
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = all(p.device.type == "cuda" for p in params)
+    optimizer = torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=fused or None, foreach=None if fused else True
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i + 1, cfg))
+    return optimizer, scheduler
+
+
+def open_run(cfg: LoopConfig, say: Callable[[str], None]):
+    """(model, model config, tokenizer, train state) of the newest checkpoint when resuming, else None.
+
+    Refuses to start a new run over an existing one.
+    """
+    checkpoints = ckpt.list_checkpoints(cfg.out)
+    if checkpoints and not cfg.resume:
+        raise UserError(f"{cfg.out} already holds a training run; pass --resume to continue it, or choose another --out")
+    if cfg.resume and checkpoints:
+        latest = checkpoints[-1]
+        model, model_cfg, tokenizer, _ = ckpt.load_model_dir(latest, resolve_device(cfg.device))
+        state = ckpt.load_train_state(latest)
+        if state is None:
+            raise UserError(f"{latest}: checkpoint has no training state to resume from")
+        say(f"resuming from {latest} (step {state['step']})")
+        return model, model_cfg, tokenizer, state
+    if cfg.resume:
+        say(f"{cfg.out}: no checkpoint to resume from; starting a new run")
+    return None
+
+
+def fit(
+    cfg: LoopConfig,
+    model: torch.nn.Module,
+    model_cfg: ModelConfig,
+    tokenizer: Tokenizer,
+    batch_for_step: Callable[[int], object],
+    loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, int]],
+    validate_fn: Callable[[torch.nn.Module], dict[str, float]],
+    best_metric: str,
+    higher_is_better: bool,
+    state: dict | None = None,
+    meta: dict | None = None,
+    say: Callable[[str], None] = print,
+) -> Path:
+    """Train `model` in the run directory cfg.out; returns it. The best model is at its top.
+
+    batch_for_step(s): the batch of optimiser step s (0-based) on the device, a pure function
+    of (seed, s). loss_fn(model, batch): (summed loss, number of predictions). validate_fn(model):
+    metrics (called in eval mode, under autocast), `best_metric` among them.
+    """
+    out = Path(cfg.out)
+    device = next(model.parameters()).device
+    precision = resolve_precision(cfg.precision, device)
+    say(f"device {device}, precision {precision}")
+    optimizer, scheduler = make_adamw(model, cfg)
+    step, best, elapsed = 0, None, 0.0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, best, elapsed = state["step"], state["best"], state["elapsed_s"]
+    else:
+        torch.manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / LOG
+    _trim_log(log_path, step)
+    meta = (meta or {}) | {"loop": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}}
+    tokenizer_bytes = tokenizer.to_bytes()
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+    def log(record: dict) -> None:
+        with log_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def checkpoint_and_validate() -> None:
+        nonlocal best
+        model.eval()
+        with torch.no_grad(), autocast():
+            metrics = validate_fn(model)
+        model.train()
+        log({"kind": "valid", "step": step, **metrics, "elapsed_s": round(elapsed, 1)})
+        say(f"step {step}: " + ", ".join(f"valid {k} {v:.4f}" for k, v in metrics.items()) + f" ({elapsed:.0f} s)")
+        value = metrics[best_metric]
+        improved = best is None or (value > best if higher_is_better else value < best)
+        best = value if improved else best
+        train_state = {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+            "step": step, "best": best, "elapsed_s": elapsed,
+        }
+        ckpt.save_model_dir(ckpt.checkpoint_dir(out, step), model, model_cfg, tokenizer_bytes, train_state, meta)
+        ckpt.prune_checkpoints(out, cfg.keep_last)
+        if improved:
+            best_meta = meta | {"best": {"step": step, best_metric: value}}
+            ckpt.save_model_dir(out, model, model_cfg, tokenizer_bytes, meta=best_meta)
+
+    def done() -> bool:
+        return (cfg.max_steps is not None and step >= cfg.max_steps) or (
+            cfg.max_minutes is not None and elapsed >= 60 * cfg.max_minutes
+        )
+
+    model.train()
+    run_start = time.perf_counter() - elapsed  # wall-clock, validation included, across resumes
+    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    last_validated = step
+    tokens_since, time_since = 0, 0.0
+    while not done():
+        t0 = time.perf_counter()
+        batch = batch_for_step(step)
+        with autocast():
+            loss_sum, n = loss_fn(model, batch)
+        (loss_sum / max(n, 1)).backward()
+        if cfg.clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        now = time.perf_counter()
+        elapsed = now - run_start
+        tokens_since, time_since = tokens_since + n, time_since + (now - t0)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == 1:
+            loss = loss_sum.item() / max(n, 1)
+            log({"kind": "train", "step": step, "loss": loss, "lr": lr,
+                 "tokens_per_s": round(tokens_since / time_since, 1), "elapsed_s": round(elapsed, 1)})
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_since / time_since:.0f}")
+            tokens_since, time_since = 0, 0.0
+        if step % cfg.valid_every == 0:
+            checkpoint_and_validate()
+            last_validated = step
+    bar.close()
+    if last_validated != step or not ckpt.list_checkpoints(out):
+        checkpoint_and_validate()
+    say(f"done: step {step}, {elapsed / 60:.1f} min; best valid {best_metric} {best:.4f}; best model in {out}")
+    return out

@@ -1,0 +1,229 @@
+"""GPT-style (decoder-only) language model: training on a text file, and sampling.
+
+The text is one long token stream. Its first (1 - valid_fraction) characters are the
+training data, the rest the validation data (nanoGPT's split for Tiny Shakespeare). A
+batch is `batch_size` windows of `block_size` + 1 tokens at random offsets (inputs and
+next-token targets); the offsets of optimiser step s are drawn from a generator seeded
+with (seed, s), so resume is exact. Validation loss is the mean cross-entropy over a
+fixed set of `eval_batches` validation batches (the same windows at every evaluation).
+
+Vocabulary (`vocab`): both kinds are sentencepiece models stored in the model directory,
+trained with the settings a language model needs, unlike translation's: no Unicode
+normalisation, whitespace kept as it is (no dummy prefix, runs of spaces kept), and the
+newline a token of its own, so that decode(encode(text)) == text.
+
+- "char": one token per character of the training text (Tiny Shakespeare: its 65
+  characters, plus the 4 special ids pad/unk/BOS/EOS that every model here has).
+- "bpe": sentencepiece BPE with `vocab_size` pieces; pieces never cross a newline.
+
+The model is `DecoderOnly` (ModelConfig arch "decoder") with max_len = block_size.
+Sampling continues a prompt with `decode.sample` (KV cache). Longer than the block, it
+slides: each further call keeps the last block_size / 2 tokens as context.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .decode import sample
+from .errors import UserError
+from .models import DecoderOnly, build_model
+from .tokenizer import Tokenizer
+from .train import LoopConfig, fit, open_run
+from .translate import resolve_device
+
+NEWLINE = "\n"
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    text: Path
+    loop: LoopConfig
+    vocab: str = "char"  # char | bpe
+    vocab_size: int = 1000  # bpe only
+    valid_fraction: float = 0.1  # the last 10% of the text
+    block_size: int = 64
+    batch_size: int = 12
+    eval_batches: int = 50
+
+
+def read_text(path: Path) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a text file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: invalid UTF-8 (byte 0x{data[e.start]:02x})") from None
+    if not text.strip():
+        raise UserError(f"{path}: no text")
+    return text.removeprefix("\ufeff")
+
+
+def train_tokenizer(text: str, vocab: str, vocab_size: int = 1000) -> Tokenizer:
+    """A sentencepiece model for LM text: exact round trip, newline a piece (see module docstring)."""
+    if vocab not in ("char", "bpe"):
+        raise UserError(f"--vocab {vocab}: choose char or bpe")
+    lines = text.split(NEWLINE)
+    # Training "sentences": runs of 20 lines with their newlines (sentencepiece wants bounded items).
+    chunks = [NEWLINE.join(lines[i : i + 20]) + NEWLINE for i in range(0, len(lines), 20)]
+    if vocab == "char":
+        vocab_size = len(set(text) | {NEWLINE}) + 4
+    model = io.BytesIO()
+    spm.set_random_generator_seed(0)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(chunks), model_writer=model, vocab_size=vocab_size, model_type=vocab,
+            character_coverage=1.0, user_defined_symbols=[NEWLINE],
+            pad_id=Tokenizer.PAD, unk_id=Tokenizer.UNK, bos_id=Tokenizer.BOS, eos_id=Tokenizer.EOS,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            max_sentence_length=1 << 20, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+            num_threads=8, minloglevel=2,
+        )
+    except RuntimeError as e:
+        from .tokenizer import _training_problem
+
+        raise UserError(_training_problem(str(e), vocab_size)) from None
+    return Tokenizer.from_bytes(model.getvalue())
+
+
+def encode_text(tokenizer: Tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D tensor of token ids (encoded line by line: newlines are pieces anyway)."""
+    lines = text.split(NEWLINE)
+    pieces = tokenizer.encode([line + NEWLINE for line in lines[:-1]] + ([lines[-1]] if lines[-1] else []))
+    return torch.tensor([i for ids in pieces for i in ids], dtype=torch.long)
+
+
+def split_text(text: str, valid_fraction: float) -> tuple[str, str]:
+    if not 0 < valid_fraction < 1:
+        raise UserError(f"--valid-fraction {valid_fraction}: must be between 0 and 1")
+    cut = int(len(text) * (1 - valid_fraction))
+    return text[:cut], text[cut:]
+
+
+def windows(data: torch.Tensor, block: int, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` random windows of data: inputs (B, block) and next-token targets (B, block)."""
+    starts = torch.randint(len(data) - block, (batch,), generator=generator)
+    x = torch.stack([data[i : i + block] for i in starts.tolist()])
+    y = torch.stack([data[i + 1 : i + 1 + block] for i in starts.tolist()])
+    return x, y
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def lm_loss(model: DecoderOnly, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"), y.numel()
+
+
+def train_lm(cfg: LMConfig, model_cfg: ModelConfig, say: Callable[[str], None] = print) -> Path:
+    """Train (or resume) a GPT-style model on cfg.text; returns the run directory."""
+    loop = cfg.loop
+    device = resolve_device(loop.device)
+    text = read_text(cfg.text)
+    train_text, valid_text = split_text(text, cfg.valid_fraction)
+    resumed = open_run(loop, say)
+    if resumed is not None:
+        model, model_cfg, tokenizer, state = resumed
+        block = model_cfg.max_len
+    else:
+        state = None
+        tokenizer = train_tokenizer(train_text, cfg.vocab, cfg.vocab_size)
+        say(f"{cfg.vocab} vocabulary of {tokenizer.vocab_size} tokens (4 special)")
+        block = cfg.block_size
+        model_cfg = model_cfg.replace(
+            arch="decoder", vocab_size=tokenizer.vocab_size, pad_id=Tokenizer.PAD, max_len=block,
+            n_encoder_layers=0,
+        )
+        torch.manual_seed(loop.seed)
+        model = build_model(model_cfg).to(device)
+    if not isinstance(model, DecoderOnly):
+        raise UserError(f"lm training needs a decoder-only model, not arch {model_cfg.arch!r}")
+    train_data, valid_data = encode_text(tokenizer, train_text), encode_text(tokenizer, valid_text)
+    for name, data in (("training", train_data), ("validation", valid_data)):
+        if len(data) <= block + 1:
+            raise UserError(f"{cfg.text}: the {name} part has {len(data)} tokens, fewer than block size {block} + 2")
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"model: {n_params:,} parameters; data: {len(train_data):,} training, {len(valid_data):,} validation tokens")
+
+    valid_batches = [
+        windows(valid_data, block, cfg.batch_size, step_generator(loop.seed + 7919, i)) for i in range(cfg.eval_batches)
+    ]
+
+    def batch_for_step(step: int):
+        x, y = windows(train_data, block, cfg.batch_size, step_generator(loop.seed, step))
+        return x.to(device), y.to(device)
+
+    def validate(model: DecoderOnly) -> dict[str, float]:
+        total = n = 0.0
+        for x, y in valid_batches:
+            loss, count = lm_loss(model, (x.to(device), y.to(device)))
+            total, n = total + loss.item(), n + count
+        return {"loss": total / n}
+
+    meta = {"lm": {"vocab": cfg.vocab, "block_size": block, "batch_size": cfg.batch_size, "text": str(cfg.text),
+                   "valid_fraction": cfg.valid_fraction, "eval_batches": cfg.eval_batches}}
+    return fit(loop, model, model_cfg, tokenizer, batch_for_step, lm_loss, validate, "loss", False, state, meta, say)
+
+
+def generate(
+    model: DecoderOnly,
+    tokenizer: Tokenizer,
+    prompt: str,
+    n_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 1,
+) -> str:
+    """The prompt and `n_tokens` sampled tokens after it, as text (see module docstring)."""
+    ids = tokenizer.encode([prompt])[0] if prompt else []
+    if not ids:
+        raise UserError("the prompt is empty (give at least one character, e.g. a newline)")
+    tokens = generate_ids(model, ids, n_tokens, temperature, top_k, top_p, seed)
+    return tokenizer.decode(tokens.tolist())[0]
+
+
+def generate_ids(
+    model: DecoderOnly,
+    ids: list[int],
+    n_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 1,
+) -> torch.Tensor:
+    """(1, len(ids) + n_tokens): the prompt ids and `n_tokens` sampled after them, sliding past the block."""
+    device = next(model.parameters()).device
+    block = model.cfg.max_len
+    tokens = torch.tensor([ids], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    remaining = n_tokens
+    try:
+        while remaining > 0:
+            if tokens.size(1) + remaining <= block:
+                context = tokens
+            else:
+                context = tokens[:, -min(tokens.size(1), max(block // 2, 1)) :]
+            n = min(block - context.size(1), remaining)
+            out = sample(model, context, n, temperature, top_k, top_p, generator)
+            tokens = torch.cat([tokens, out[:, context.size(1) :]], dim=1)
+            remaining -= n
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return tokens
