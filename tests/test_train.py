@@ -198,3 +198,42 @@ def test_every_command_has_help(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: transformer " + command in capsys.readouterr().out
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    """update_freq=2 over two halves of a batch gives the parameters of one step on the whole batch."""
+    from transformer.config import preset
+    from transformer.models import build_model
+    from transformer.tokenizer import Tokenizer
+    from transformer.train import LoopConfig, fit
+
+    tokenizer = Tokenizer.train(["a man rides a horse", "two dogs play in the snow"] * 20, 30, model_type="char")
+    cfg = preset("tiny", vocab_size=tokenizer.vocab_size, dropout=0.0)
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, cfg.vocab_size, (6, 7), generator=g)
+    tgt = torch.randint(4, cfg.vocab_size, (6, 6), generator=g)
+    tgt[1, 4:] = 0  # padding: the halves hold different numbers of predictions
+    halves = [(src[:3], tgt[:3]), (src[3:], tgt[3:])]
+
+    def loss_fn(model, batch):
+        s, t = batch
+        logits = model(s, torch.cat([torch.full((len(t), 1), 2), t[:, :-1]], dim=1))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), t.flatten(), ignore_index=0, reduction="sum")
+        return loss, int((t != 0).sum())
+
+    results = []
+    for update_freq, batch_for_step in ((1, lambda i: (src, tgt)), (2, lambda i: halves[i % 2])):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        # Plain SGD: Adam would turn rounding noise on zero-gradient parameters into full-size steps.
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        loop = LoopConfig(out=tmp_path / f"uf{update_freq}", max_steps=1, update_freq=update_freq,
+                          clip_norm=None, progress=False, valid_every=100)
+        fit(loop, model, cfg, tokenizer, batch_for_step, loss_fn, lambda m: {"loss": 0.0}, "loss", False,
+            say=lambda _: None, optim=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)))
+        results.append(model.state_dict())
+    torch.manual_seed(0)
+    initial = build_model(cfg).state_dict()  # the same initial weights both runs started from
+    assert (results[0]["decoder.layers.0.ffn.w1.weight"] - initial["decoder.layers.0.ffn.w1.weight"]).abs().max() > 1e-3
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, atol=1e-6, rtol=0, msg=name)

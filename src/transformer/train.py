@@ -7,7 +7,10 @@ loss, perplexity and greedy BLEU, a checkpoint (the last `keep_last` are kept) a
 when BLEU improved, the best model at the top of the run directory.
 
 Resume is exact: a checkpoint holds the optimiser, scheduler and RNG states and the
-position in the data (epoch, batch), and batch order depends only on (seed, epoch).
+step, and the data of a step depends only on (seed, step).
+
+`fit` is the one training loop; translation (`train`) and the language models
+(`transformer.lm`, `transformer.mlm`) each give it their data, loss and validation.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -100,11 +103,25 @@ def _load_corpus(
     return Corpus(src, tgt, sampler, [p.src for p in pairs], [p.tgt for p in pairs])
 
 
-def _micro_batches(corpus: Corpus, epoch: int, start: int, update_freq: int) -> Iterator[tuple[int, list[list[int]]]]:
-    """Yield (next position, the index lists of one optimiser step) through one epoch from `start`."""
-    batches = corpus.sampler.batches(epoch)
-    for i in range(start, len(batches), update_freq):
-        yield i + update_freq, batches[i : i + update_freq]
+class EpochBatches:
+    """The i-th batch counting across epochs: epoch e's batches (seeded by e) follow epoch e-1's."""
+
+    def __init__(self, sampler: TokenBatchSampler) -> None:
+        self.sampler = sampler
+        self.epoch, self.start, self.batches = 0, 0, sampler.batches(0)
+
+    def __getitem__(self, i: int) -> list[int]:
+        if i < self.start:  # only on a fresh lookup after a restart: walk again from epoch 0
+            self.epoch, self.start, self.batches = 0, 0, self.sampler.batches(0)
+        while i >= self.start + len(self.batches):
+            self.epoch, self.start = self.epoch + 1, self.start + len(self.batches)
+            self.batches = self.sampler.batches(self.epoch)
+        return self.batches[i - self.start]
+
+    def steps_in(self, epochs: int, update_freq: int) -> int:
+        """Optimiser steps that the first `epochs` epochs make."""
+        batches = sum(len(self.sampler.batches(e)) for e in range(epochs))
+        return -(-batches // update_freq)
 
 
 def _to_device(corpus: Corpus, idx: list[int], device: torch.device):
@@ -112,24 +129,18 @@ def _to_device(corpus: Corpus, idx: list[int], device: torch.device):
     return src.to(device), tgt_in.to(device), tgt_out.to(device)
 
 
-@torch.no_grad()
 def validate(
-    model: EncoderDecoder, tokenizer: Tokenizer, corpus: Corpus, cfg: TrainConfig, device: torch.device, autocast
+    model: EncoderDecoder, tokenizer: Tokenizer, corpus: Corpus, cfg: TrainConfig, device: torch.device
 ) -> dict[str, float]:
-    """Validation loss, perplexity and greedy BLEU."""
-    model.eval()
+    """Validation loss, perplexity and greedy BLEU (`fit` calls it in eval mode, without gradients)."""
     loss_sum = nll_sum = n = 0.0
     for idx in corpus.sampler.batches(0):
         src, tgt_in, tgt_out = _to_device(corpus, idx, device)
-        with autocast():
-            logits = model(src, tgt_in)
-        loss, nll, count = label_smoothed_cross_entropy(logits, tgt_out, cfg.label_smoothing, model.cfg.pad_id)
+        loss, nll, count = label_smoothed_cross_entropy(model(src, tgt_in), tgt_out, cfg.label_smoothing, model.cfg.pad_id)
         loss_sum, nll_sum, n = loss_sum + loss.item(), nll_sum + nll.item(), n + count.item()
     lines = cfg.valid_bleu_lines or len(corpus.src_text)
-    with autocast():
-        hyps = translate_lines(model, tokenizer, corpus.src_text[:lines], SearchConfig(beam=1), batch_size=128)
+    hyps = translate_lines(model, tokenizer, corpus.src_text[:lines], SearchConfig(beam=1), batch_size=128)
     bleu = score(hyps, corpus.tgt_text[:lines]).bleu
-    model.train()
     return {"loss": loss_sum / n, "nll": nll_sum / n, "ppl": math.exp(min(nll_sum / n, 50.0)), "bleu": bleu}
 
 
@@ -162,137 +173,54 @@ def _trim_log(path: Path, step: int) -> None:
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig, say: Callable[[str], None] = print) -> Path:
     """Train (or resume) a run in `cfg.out`; returns the run directory. The best model is at its top."""
-    out = Path(cfg.out)
+    loop = LoopConfig(
+        out=cfg.out, max_steps=cfg.max_steps, max_minutes=cfg.max_minutes, clip_norm=cfg.clip_norm,
+        seed=cfg.seed, precision=cfg.precision, device=cfg.device, valid_every=cfg.valid_every,
+        keep_last=cfg.keep_last, log_every=cfg.log_every, resume=cfg.resume, progress=cfg.progress,
+        update_freq=cfg.update_freq,
+    )
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    say(f"device {device}, precision {precision}")
-    checkpoints = ckpt.list_checkpoints(out)
-    if checkpoints and not cfg.resume:
-        raise UserError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
-
-    state = None
-    if cfg.resume and checkpoints:
-        latest = checkpoints[-1]
-        model, model_cfg, tokenizer, _ = ckpt.load_model_dir(latest, device)
-        state = ckpt.load_train_state(latest)
-        if state is None:
-            raise UserError(f"{latest}: checkpoint has no training state to resume from")
-        say(f"resuming from {latest} (step {state['step']})")
+    resumed = open_run(loop, say)
+    if resumed is not None:
+        model, model_cfg, tokenizer, state = resumed
     else:
-        if cfg.resume:
-            say(f"{out}: no checkpoint to resume from; starting a new run")
-        torch.manual_seed(cfg.seed)
+        state = None
         pairs, _ = read_parallel(cfg.train_src, cfg.train_tgt)
         say(f"training a {cfg.vocab_size}-token joint {cfg.tokenizer_type} vocabulary on {len(pairs)} pairs")
         tokenizer = Tokenizer.train(
             (s for p in pairs for s in (p.src, p.tgt)), cfg.vocab_size, model_type=cfg.tokenizer_type
         )
         model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size, pad_id=Tokenizer.PAD)
+        torch.manual_seed(cfg.seed)
         model = build_model(model_cfg).to(device)
     if not isinstance(model, EncoderDecoder):
         raise UserError(f"translation training needs an encoder-decoder model, not arch {model_cfg.arch!r}")
-    tokenizer_bytes = tokenizer.to_bytes()
 
     train_data = _load_corpus(cfg.train_src, cfg.train_tgt, tokenizer, model_cfg.max_len, cfg, True, say)
     valid_data = _load_corpus(cfg.valid_src, cfg.valid_tgt, tokenizer, model_cfg.max_len, cfg, False, say)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model: {n_params:,} parameters; data: {len(train_data.src)} training, {len(valid_data.src)} validation pairs")
-
+    batches = EpochBatches(train_data.sampler)
+    if cfg.max_epochs is not None:
+        epoch_steps = batches.steps_in(cfg.max_epochs, cfg.update_freq)
+        loop = dataclasses.replace(loop, max_steps=min(loop.max_steps or epoch_steps, epoch_steps))
     optimizer = make_optimizer(model)
     scheduler = make_scheduler(optimizer, model_cfg.d_model, cfg.warmup, cfg.lr_scale)
-    step, epoch, position, best_bleu, elapsed = 0, 0, 0, -1.0, 0.0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        best_bleu, elapsed = state["best_bleu"], state["elapsed_s"]
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / LOG
-    _trim_log(log_path, step)
+
+    def batch_for_step(i: int):
+        return _to_device(train_data, batches[i], device)
+
+    def loss_fn(model: EncoderDecoder, batch) -> tuple[torch.Tensor, int]:
+        src, tgt_in, tgt_out = batch
+        loss, _, n = label_smoothed_cross_entropy(model(src, tgt_in), tgt_out, cfg.label_smoothing, model_cfg.pad_id)
+        return loss, int(n)
+
     meta = {"train": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}}
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-
-    def log(record: dict) -> None:
-        with log_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def checkpoint_and_validate() -> None:
-        nonlocal best_bleu
-        metrics = validate(model, tokenizer, valid_data, cfg, device, autocast)
-        record = {"kind": "valid", "step": step, "epoch": epoch, **metrics, "elapsed_s": round(elapsed, 1)}
-        log(record)
-        say(f"step {step}: valid loss {metrics['loss']:.3f}, ppl {metrics['ppl']:.2f}, BLEU {metrics['bleu']:.2f}")
-        improved = metrics["bleu"] > best_bleu
-        best_bleu = max(best_bleu, metrics["bleu"])
-        train_state = {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-            "step": step, "epoch": epoch, "position": position, "best_bleu": best_bleu, "elapsed_s": elapsed,
-        }
-        ckpt.save_model_dir(ckpt.checkpoint_dir(out, step), model, model_cfg, tokenizer_bytes, train_state, meta)
-        ckpt.prune_checkpoints(out, cfg.keep_last)
-        if improved:
-            best_meta = meta | {"best": {"step": step, "bleu": metrics["bleu"]}}
-            ckpt.save_model_dir(out, model, model_cfg, tokenizer_bytes, meta=best_meta)
-
-    def done() -> bool:
-        return (
-            (cfg.max_steps is not None and step >= cfg.max_steps)
-            or (cfg.max_epochs is not None and epoch >= cfg.max_epochs)
-            or (cfg.max_minutes is not None and elapsed >= 60 * cfg.max_minutes)
-        )
-
-    model.train()
-    run_start = time.perf_counter() - elapsed  # wall-clock, validation included, across resumes
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not cfg.progress, dynamic_ncols=True)
-    last_validated = step
-    tokens_since, time_since = 0, 0.0
-    while not done():
-        for position, micro in _micro_batches(train_data, epoch, position, cfg.update_freq):
-            t0 = time.perf_counter()
-            batches = [_to_device(train_data, idx, device) for idx in micro]
-            n_tokens = sum(int((b[2] != model_cfg.pad_id).sum()) for b in batches)
-            loss_total = nll_total = 0.0
-            for src, tgt_in, tgt_out in batches:
-                with autocast():
-                    logits = model(src, tgt_in)
-                loss, nll, _ = label_smoothed_cross_entropy(logits, tgt_out, cfg.label_smoothing, model_cfg.pad_id)
-                (loss / n_tokens).backward()
-                loss_total, nll_total = loss_total + loss.item(), nll_total + nll.item()
-            if cfg.clip_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            elapsed = time.perf_counter() - run_start
-            tokens_since, time_since = tokens_since + n_tokens, time_since + dt
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == 1:
-                record = {
-                    "kind": "train", "step": step, "epoch": epoch, "loss": loss_total / n_tokens,
-                    "nll": nll_total / n_tokens, "lr": lr, "tokens_per_s": round(tokens_since / time_since, 1),
-                    "elapsed_s": round(elapsed, 1),
-                }
-                log(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                tokens_since, time_since = 0, 0.0
-            if step % cfg.valid_every == 0:
-                checkpoint_and_validate()
-                last_validated = step
-            if done():
-                break
-        else:  # the epoch ran out
-            epoch, position = epoch + 1, 0
-    bar.close()
-    if last_validated != step or not ckpt.list_checkpoints(out):
-        checkpoint_and_validate()
-    say(f"done: step {step}, epoch {epoch}, best validation BLEU {best_bleu:.2f}; best model in {out}")
-    return out
+    return fit(
+        loop, model, model_cfg, tokenizer, batch_for_step, loss_fn,
+        lambda m: validate(m, tokenizer, valid_data, cfg, device), "bleu", True, state, meta, say,
+        optim=(optimizer, scheduler),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,6 +250,7 @@ class LoopConfig:
     weight_decay: float = 0.1  # AdamW, on matrices only
     beta2: float = 0.99
     clip_norm: float | None = 1.0
+    update_freq: int = 1  # batches accumulated per optimiser step
     seed: int = 1
     precision: str = "auto"
     device: str = "auto"
@@ -404,18 +333,22 @@ def fit(
     state: dict | None = None,
     meta: dict | None = None,
     say: Callable[[str], None] = print,
+    optim: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler] | None = None,
 ) -> Path:
     """Train `model` in the run directory cfg.out; returns it. The best model is at its top.
 
-    batch_for_step(s): the batch of optimiser step s (0-based) on the device, a pure function
-    of (seed, s). loss_fn(model, batch): (summed loss, number of predictions). validate_fn(model):
-    metrics (called in eval mode, under autocast), `best_metric` among them.
+    batch_for_step(i): batch number i (0-based; optimiser step s uses batches
+    s·update_freq .. (s+1)·update_freq - 1) on the device, a pure function of (seed, i).
+    loss_fn(model, batch): (summed loss, number of predictions); the gradient of a step is
+    that of its summed loss over its number of predictions. validate_fn(model): metrics
+    (called in eval mode, without gradients, under autocast), `best_metric` among them.
+    `optim`: (optimizer, scheduler); by default AdamW and the schedule of `cfg`.
     """
     out = Path(cfg.out)
     device = next(model.parameters()).device
     precision = resolve_precision(cfg.precision, device)
     say(f"device {device}, precision {precision}")
-    optimizer, scheduler = make_adamw(model, cfg)
+    optimizer, scheduler = optim or make_adamw(model, cfg)
     step, best, elapsed = 0, None, 0.0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -470,10 +403,15 @@ def fit(
     tokens_since, time_since = 0, 0.0
     while not done():
         t0 = time.perf_counter()
-        batch = batch_for_step(step)
-        with autocast():
-            loss_sum, n = loss_fn(model, batch)
-        (loss_sum / max(n, 1)).backward()
+        loss_sum, n = torch.zeros((), device=device), 0
+        for i in range(step * cfg.update_freq, (step + 1) * cfg.update_freq):
+            with autocast():
+                batch_loss, batch_n = loss_fn(model, batch_for_step(i))
+            batch_loss.backward()
+            loss_sum, n = loss_sum + batch_loss.detach(), n + batch_n
+        for p in model.parameters():  # mean over the step's predictions, however many batches
+            if p.grad is not None:
+                p.grad.div_(max(n, 1))
         if cfg.clip_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
         lr = optimizer.param_groups[0]["lr"]
