@@ -1,6 +1,7 @@
 """Search and sampling: cached search equals full recomputation, scripted beam search, batching, sampling."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -326,3 +327,166 @@ def test_sample_stops_at_eos_and_respects_max_len():
     assert set(row[greedy.index(eos) + 1 :]) <= {PAD}  # padded after its EOS
     with pytest.raises(ValueError, match="max_len=32"):
         sample(model, PROMPT, 29)
+
+
+# ---- min_len, the preallocated cache, and DecodingModel (bf16, int8, torch.compile) -----------
+
+
+@pytest.mark.parametrize("beam", [1, 2])
+def test_min_len_forbids_eos_until_then(beam):
+    model = Scripted(lambda sentence, prefix: {EOS: 0.9, 4: 0.05})  # EOS first, if allowed
+    src = collate_source([[], [5, 6]])
+    assert translate_batch(model, src, SearchConfig(beam=beam, min_len=2)) == [[4, 4], [4, 4]]
+    if beam > 1:
+        best = beam_search(model, src, SearchConfig(beam=beam, min_len=2))[0][0]
+        assert best.log_prob == pytest.approx(2 * math.log(0.05) + math.log(0.9), abs=1e-5)
+    # The maximum length still wins: floor(0·|source| + 3) = 3 tokens.
+    cfg = SearchConfig(beam=beam, min_len=10, max_len_a=0.0, max_len_b=3)
+    assert translate_batch(model, src, cfg) == [[4, 4, 4], [4, 4, 4]]
+    with pytest.raises(ValueError, match="min_len"):
+        SearchConfig(min_len=-1)
+
+
+def test_cache_is_preallocated_once():
+    from transformer.attention import KVCache
+
+    cache = KVCache(2)
+    cache.reserve(7)
+    k = torch.randn(3, 2, 1, 4)
+    for step in range(7):
+        cache.self_attn[0].append(k + step, k - step)
+        assert cache.self_attn[0].k.size(2) == 7  # one allocation, of the reserved size
+    storage = cache.self_attn[0].k
+    keys, _ = cache.self_attn[0].append(k, k)  # past the reservation it grows, keeping the contents
+    assert cache.self_attn[0].k is not storage and keys.shape == (3, 2, 8, 4)
+    assert torch.equal(keys[:, :, :7], storage)
+    # the search reserves the longest output it allows
+    model, caches = _model(), []
+    new_cache = model.new_cache
+    model.new_cache = lambda: caches.append(new_cache()) or caches[-1]
+    src = collate_source(_sources())
+    cfg = SearchConfig(beam=1, max_len_b=5)
+    greedy_search(model, src, cfg)
+    assert caches[0].self_attn[0].k.size(2) == max(_limit(s, cfg) for s in _sources())
+
+
+def test_reorder_beams_leaves_cross_attention_alone():
+    from transformer.attention import KVCache
+
+    cache = KVCache(1)
+    cache.self_attn[0].append(torch.arange(4.0).view(4, 1, 1, 1), torch.zeros(4, 1, 1, 1))
+    cross = torch.randn(4, 1, 3, 1)
+    cache.cross_attn[0].set(cross, cross)
+    cache.reorder_beams(torch.tensor([1, 1, 3, 2]))
+    assert cache.self_attn[0].k[:, 0, 0, 0].tolist() == [1.0, 1.0, 3.0, 2.0]
+    assert cache.cross_attn[0].k is cross
+
+
+def _tied_model():
+    torch.manual_seed(5)
+    model = build_model(preset("tiny", dropout=0.0, vocab_size=VOCAB)).eval()
+    with torch.no_grad():
+        model.tgt_embed.tokens.weight.mul_(3.0)
+    return model
+
+
+@pytest.mark.parametrize("make", [_model, _tied_model])
+def test_int8_quantized_model_translates_like_fp32(make):
+    from transformer.decode import DecodingModel
+
+    model, src = make(), collate_source(_sources())
+    quantized = DecodingModel(model, quantize="int8")
+    linears = [m for m in quantized.modules() if type(m) is torch.nn.Linear]
+    assert [n for n, m in quantized.named_modules() if type(m) is torch.nn.Linear] == [
+        n for n, _ in quantized.named_modules() if n.endswith("cross_attn.in_proj")
+    ] and linears  # every linear layer but cross-attention's input projection is int8
+    assert (quantized.head is None) == (model.out_proj is not None)  # the tied projection too
+    # Teacher-forced logits stay close to fp32 (int8 rounding flips a few near-ties: a random
+    # tiny model is not peaky enough for identical translations).
+    tgt = torch.randint(4, VOCAB, (src.size(0), 8), generator=torch.Generator().manual_seed(0))
+    tgt[:, 0] = BOS
+    with torch.no_grad():
+        exact = model.project(model.decode(tgt, *model.encode(src)))
+        approx = quantized.project(quantized.decode(tgt, *quantized.encode(src), quantized.new_cache()))
+    assert (exact - approx).abs().max() < 0.2 * exact.std()
+    assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() > 0.85
+    for beam in (1, 3):
+        cfg = SearchConfig(beam=beam, max_len_b=5)
+        out = translate_batch(quantized, src, cfg)
+        assert len(out) == len(_sources())
+        assert all(len(o) <= _limit(s, cfg) and all(0 <= t < VOCAB and t != EOS for t in o) for o, s in zip(out, _sources()))
+    assert type(model.decoder.layers[0].ffn.w1) is torch.nn.Linear  # the original is untouched
+
+
+def test_bf16_model_gives_valid_translations():
+    from transformer.decode import DecodingModel
+
+    model, sources = _model(), _sources()
+    bf16 = DecodingModel(model, precision="bf16")
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32
+    cfg = SearchConfig(beam=3, max_len_b=5)
+    out = translate_batch(bf16, collate_source(sources), cfg)
+    assert len(out) == len(sources)
+    assert all(len(o) <= _limit(s, cfg) and all(0 <= t < VOCAB and t != EOS for t in o) for o, s in zip(out, sources))
+    with pytest.raises(ValueError, match="fp32"):
+        DecodingModel(model, precision="bf16", quantize="int8")
+    with pytest.raises(ValueError, match="quantize"):
+        DecodingModel(model, quantize="int4")
+
+
+@pytest.mark.parametrize("fail_after_running", [False, True])
+def test_compile_failure_falls_back_to_eager(monkeypatch, fail_after_running):
+    """If torch.compile fails (even after part of a step ran), warn once and decode eagerly, unchanged."""
+    from transformer.decode import DecodingModel
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            if fail_after_running:
+                fn(*args)  # appends to the cache, then fails: the step must be undone
+            raise RuntimeError("inductor: no C++ compiler")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model, src = _model(), collate_source(_sources())
+    compiled = DecodingModel(model, compile=True)
+    assert compiled.compiled
+    for beam in (1, 3):
+        cfg = SearchConfig(beam=beam, max_len_b=5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = translate_batch(compiled, src, cfg)
+        assert out == translate_batch(model, src, cfg)
+        assert len([w for w in caught if "torch.compile failed" in str(w.message)]) == (beam == 1)
+    assert not compiled.compiled
+
+
+def test_cli_decoding_options(monkeypatch, capsys):
+    from transformer import cli
+    from transformer.decode import DecodingModel
+
+    class Tok:
+        def encode(self, lines):
+            return [[4 + len(line) % 20] * len(line.split()) for line in lines]
+
+        def decode(self, ids):
+            return [" ".join(map(str, x)) for x in ids]
+
+    model, seen = _model(), []
+    monkeypatch.setattr(cli, "_load", lambda args: (model, model.cfg, Tok(), {}))
+    real = cli.translate_lines if hasattr(cli, "translate_lines") else None
+    import transformer.translate as tr
+
+    original = tr.translate_lines
+    monkeypatch.setattr(tr, "translate_lines", lambda m, *a, **k: seen.append(m) or original(m, *a, **k))
+    args = cli.build_parser().parse_args(
+        ["translate", "--model", "x", "--quantize", "int8", "--beam", "2", "--min-len", "3", "--no-progress"]
+    )
+    hyps = cli._translate_text(args, ["a b c", "d e"], "stdin")
+    assert isinstance(seen[-1], DecodingModel) and seen[-1].quantize == "int8"
+    assert all(len(h.split()) >= 3 for h in hyps)
+    args = cli.build_parser().parse_args(["translate", "--model", "x", "--no-progress"])
+    cli._translate_text(args, ["a b c"], "stdin")
+    assert seen[-1] is model  # no option: the model as it is
+    assert real is None or real

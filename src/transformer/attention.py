@@ -78,21 +78,24 @@ def self_attention_mask(
 class LayerCache:
     """Keys and values of one attention layer, kept across decoding steps.
 
-    Self-attention appends each step's keys/values into storage that grows by
-    doubling (so a step costs no full copy). Cross-attention stores the keys/values
-    of the encoder output once.
+    Self-attention appends each step's keys/values into preallocated storage: `reserve`
+    sets its capacity once (the search knows the longest output it allows), and past
+    that it grows by doubling (so a step costs no full copy). Cross-attention stores
+    the keys/values of the encoder output once.
     """
 
     def __init__(self) -> None:
         self.k: Tensor | None = None  # (B, H, capacity, D)
         self.v: Tensor | None = None
         self.length = 0
+        self.reserved = 0  # capacity of the first allocation, when known
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add (B, H, T, D) keys/values; return all so far, (B, H, length, D)."""
         t = k.size(2)
         if self.k is None or self.length + t > self.k.size(2):
-            capacity = max(2 * (self.length + t), 16)
+            need = self.length + t
+            capacity = self.reserved if self.reserved >= need else max(2 * need, 16)
             new_k = k.new_empty(k.size(0), k.size(1), capacity, k.size(3))
             new_v = v.new_empty(new_k.shape)
             if self.k is not None:
@@ -130,10 +133,38 @@ class KVCache:
     def length(self) -> int:
         return self.self_attn[0].length if self.self_attn else 0
 
+    def reserve(self, positions: int) -> None:
+        """Preallocate self-attention storage for `positions` target positions (before the first step)."""
+        for entry in self.self_attn:
+            entry.reserved = positions
+
     def select(self, index: Tensor) -> None:
         """Keep batch rows `index` in every layer (beam reordering, dropping finished rows)."""
         for entry in self.self_attn + self.cross_attn:
             entry.select(index)
+
+    def reorder_beams(self, index: Tensor) -> None:
+        """Keep batch rows `index` of the self-attention entries only.
+
+        For beam reordering, where each row of `index` comes from the same sentence as
+        the row it replaces: the cross-attention keys/values, the same for every beam of
+        a sentence, need no copy.
+        """
+        for entry in self.self_attn:
+            entry.select(index)
+
+    def state(self) -> tuple:
+        """A mark to `rewind` to (undoes a decoding step that failed part-way)."""
+        return tuple(e.length for e in self.self_attn), tuple(e.k is None for e in self.cross_attn)
+
+    def rewind(self, state: tuple) -> None:
+        lengths, empty = state
+        for entry, n in zip(self.self_attn, lengths):
+            entry.length = n
+        for entry, was_empty in zip(self.cross_attn, empty):
+            if was_empty:
+                entry.k = entry.v = None
+                entry.length = 0
 
 
 class MultiHeadAttention(nn.Module):

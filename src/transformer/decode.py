@@ -20,6 +20,13 @@ Choices the paper leaves open (it gives beam 4, alpha 0.6, max length input + 50
   stops once it has K finished hypotheses (all of them are kept, even if a step takes it
   past K), or at step L, where its K live beams are finished as they are, without EOS.
   The `n_best` best by score are returned.
+- `min_len` forbids EOS until a sentence has that many tokens (the EOS log-probability is
+  set to -inf), as Hugging Face's `min_new_tokens` and CTranslate2's `min_decoding_length`;
+  the maximum length still wins.
+
+`DecodingModel` prepares a model for fast decoding: bf16 weights, int8 dynamic quantization
+of the linear layers (the tied output projection included) for CPU inference, and
+`torch.compile` with a fallback to eager execution.
 
 The searches rely only on the small `Seq2Seq` interface below, which `EncoderDecoder`
 has. Put the model in eval mode first.
@@ -27,13 +34,15 @@ has. Put the model in eval mode first.
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import ModelConfig
 from .models import DecoderOnly
@@ -49,12 +58,15 @@ class SearchConfig:
     max_len_a: float = 1.0  # max output length = a·|source| + b
     max_len_b: int = 50
     n_best: int = 1  # hypotheses returned per sentence by beam_search
+    min_len: int = 0  # no EOS before this many tokens
 
     def __post_init__(self) -> None:
         if self.beam < 1 or not 1 <= self.n_best <= self.beam:
             raise ValueError(
                 f"need beam >= 1 and 1 <= n_best <= beam; got beam={self.beam}, n_best={self.n_best}"
             )
+        if self.min_len < 0:
+            raise ValueError(f"need min_len >= 0; got {self.min_len}")
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,9 @@ class Hypothesis:
 class Cache(Protocol):
     def select(self, index: Tensor) -> None:
         """Keep batch rows `index` (B',), in that order."""
+
+    # Optional: reorder_beams(index), a `select` where every row of `index` is a beam of
+    # the sentence it replaces (KVCache then leaves the cross-attention entries alone).
 
 
 class Seq2Seq(Protocol):
@@ -106,23 +121,37 @@ def greedy_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[i
     """src (B, S) right-padded source ids -> B translations (token ids without BOS/EOS)."""
     memory, memory_mask = model.encode(src)  # (B, S, d), (B, 1, 1, S)
     limits = max_lengths(model, src, cfg)  # (B,)
+    longest = int(limits.max())
     ids = torch.arange(src.size(0), device=src.device)  # the sentence of each live row
-    tokens = src.new_full((src.size(0), 1), BOS)  # (B, 1 + t)
+    tokens = src.new_full((src.size(0), longest + 1), BOS)  # (B, 1 + L): BOS, then the output
     cache = model.new_cache()
+    _reserve(cache, longest)
     out: list[list[int]] = [[] for _ in range(src.size(0))]
-    while len(ids):
-        logits = model.project(model.decode(tokens[:, -1:], memory, memory_mask, cache))  # (B, 1, V)
-        tokens = torch.cat([tokens, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
-        done = (tokens[:, -1] == EOS) | (limits == tokens.size(1) - 1)  # (B,)
+    for t in range(1, longest + 1):
+        logits = model.project(model.decode(tokens[:, t - 1 : t], memory, memory_mask, cache))[:, -1]  # (B, V)
+        if t <= cfg.min_len:
+            logits[:, EOS] = -math.inf
+        word = logits.argmax(dim=-1)  # (B,)
+        tokens[:, t] = word
+        done = (word == EOS) | (limits == t)  # (B,)
         if done.any():
-            for i, seq in zip(ids[done].tolist(), tokens[done, 1:].tolist()):
+            for i, seq in zip(ids[done].tolist(), tokens[done, 1 : t + 1].tolist()):
                 out[i] = _strip_eos(seq)
             keep = (~done).nonzero().squeeze(1)  # (B',)
+            if not len(keep):
+                break
             cache.select(keep)
             memory, memory_mask, tokens, limits, ids = (
                 x[keep] for x in (memory, memory_mask, tokens, limits, ids)
             )
     return out
+
+
+def _reserve(cache: Cache, positions: int) -> None:
+    """Preallocate the self-attention cache when the cache can (KVCache.reserve)."""
+    reserve = getattr(cache, "reserve", None)
+    if reserve is not None:
+        reserve(positions)
 
 
 @torch.no_grad()
@@ -144,6 +173,7 @@ def beam_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[Hyp
     rank = torch.arange(2 * k, device=device)  # (2K,)
     beam_offsets = torch.arange(k, device=device)  # (K,)
     cache = model.new_cache()
+    _reserve(cache, int(limits.max()))
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
 
     def finish(sentence: int, seq: list[int], log_prob: float, n: int) -> None:
@@ -155,7 +185,10 @@ def beam_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[Hyp
         step, n = step + 1, len(ids)
         logits = model.project(model.decode(tokens[:, -1:], memory, memory_mask, cache))[:, -1]  # (N·K, V)
         vocab = logits.size(-1)
-        candidates = scores.view(-1, 1) + F.log_softmax(logits.float(), dim=-1)  # (N·K, V)
+        log_probs = F.log_softmax(logits.float(), dim=-1)  # (N·K, V)
+        if step <= cfg.min_len:
+            log_probs[:, EOS] = -math.inf
+        candidates = scores.view(-1, 1) + log_probs  # (N·K, V)
         top, index = candidates.view(n, k * vocab).topk(2 * k, dim=1)  # (N, 2K)
         rows = index // vocab + (torch.arange(n, device=device) * k)[:, None]  # (N, 2K) beam row extended
         words = index % vocab  # (N, 2K)
@@ -177,9 +210,11 @@ def beam_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[Hyp
 
         keep = (~done).nonzero().squeeze(1)  # (N',) live sentences
         keep_rows = (keep[:, None] * k + beam_offsets).view(-1)  # (N'·K,)
-        cache.select(go_on_rows[keep_rows])  # reorder the beams and drop finished sentences at once
         tokens = new_tokens[keep_rows]
-        if len(keep) < n:
+        if len(keep) == n:  # reorder the beams: the cross-attention cache is the same for all beams
+            getattr(cache, "reorder_beams", cache.select)(go_on_rows)
+        else:  # reorder the beams and drop finished sentences at once
+            cache.select(go_on_rows[keep_rows])
             memory, memory_mask = memory[keep_rows], memory_mask[keep_rows]
             scores, limits, n_finished, ids = scores[keep], limits[keep], n_finished[keep], ids[keep]
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[: cfg.n_best] for hyps in finished]
@@ -190,6 +225,124 @@ def translate_batch(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list
     if cfg.beam == 1:
         return greedy_search(model, src, cfg)
     return [hyps[0].tokens for hyps in beam_search(model, src, cfg)]
+
+
+def _int8_linear(linear: nn.Linear) -> nn.Module:
+    """An nn.Linear as a dynamically quantized int8 linear layer (CPU)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)[0]
+
+
+def _quantize_int8(model: nn.Module) -> None:
+    """Replace, in place, every nn.Linear that is called as a module by its int8 version.
+
+    Cross-attention's input projection is left in fp32: `MultiHeadAttention` slices its
+    weight (queries from the target, keys/values from the memory), which a quantized
+    layer does not expose. Its keys/values are computed once per source anyway.
+    """
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            if child_name == "in_proj" and name.endswith("cross_attn"):
+                continue
+            setattr(module, child_name, _int8_linear(child))
+
+
+class DecodingModel(nn.Module):
+    """A translation model (`EncoderDecoder`) prepared for fast decoding; the searches take it as the model.
+
+    precision "bf16" casts a copy of the weights to bfloat16 (fast only on CPUs and GPUs
+    with native bf16). quantize "int8" makes a copy whose linear layers, and the tied
+    output projection (an `F.linear` with the embedding matrix, so not an nn.Linear), are
+    int8 with dynamic activation quantization (`torch.ao.quantization`), CPU only.
+    compile wraps encode/decode/project in `torch.compile`; if compiling or running a
+    compiled function fails, it warns once and runs eagerly from then on.
+    """
+
+    def __init__(
+        self, model: nn.Module, precision: str = "fp32", quantize: str | None = None, compile: bool = False
+    ) -> None:
+        super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
+        if quantize is not None and precision != "fp32":
+            raise ValueError("int8 quantization starts from fp32 weights; use precision='fp32'")
+        device = next(model.parameters()).device
+        if quantize is not None and device.type != "cpu":
+            raise ValueError(f"int8 dynamic quantization runs on the CPU, the model is on {device}")
+        if precision != "fp32" or quantize is not None:
+            model = copy.deepcopy(model)
+        model.eval()
+        if precision == "bf16":
+            model.to(torch.bfloat16)
+        self.head: nn.Module | None = None  # the output projection when it is replaced
+        if quantize == "int8":
+            _quantize_int8(model)
+            if getattr(model, "out_proj", None) is None:  # tied: F.linear(h, embedding weight)
+                tied = nn.Linear(model.cfg.d_model, model.cfg.vocab_size, bias=False)
+                tied.weight = nn.Parameter(model.tgt_embed.tokens.weight.detach().clone())
+                self.head = _int8_linear(tied)
+        self.model = model
+        self.cfg = model.cfg
+        self.precision, self.quantize = precision, quantize
+        self._compiled: dict[str, object] = {}
+        if compile:
+            self._compiled = {
+                name: torch.compile(getattr(self, f"_{name}"), dynamic=True) for name in ("encode", "decode", "project")
+            }
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compiled functions are in use (False after a fallback)."""
+        return bool(self._compiled)
+
+    def _encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.encode(src)
+
+    def _decode(self, tgt: Tensor, memory: Tensor, memory_mask: Tensor, cache) -> Tensor:
+        return self.model.decode(tgt, memory, memory_mask, cache)
+
+    def _project(self, h: Tensor) -> Tensor:
+        return self.head(h) if self.head is not None else self.model.project(h)
+
+    def _run(self, name: str, *args):
+        fn = self._compiled.get(name)
+        if fn is not None:
+            cache = args[-1] if name == "decode" else None
+            mark = cache.state() if hasattr(cache, "state") else None
+            try:
+                return fn(*args)
+            except Exception as e:  # any failure of dynamo/inductor: fall back for good
+                warnings.warn(
+                    f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                    "decoding without it",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._compiled = {}
+                if cache is not None:
+                    if mark is None:
+                        raise
+                    cache.rewind(mark)  # undo what the failed step appended
+        return getattr(self, f"_{name}")(*args)
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        return self._run("encode", src)
+
+    def decode(self, tgt: Tensor, memory: Tensor, memory_mask: Tensor, cache) -> Tensor:
+        return self._run("decode", tgt, memory, memory_mask, cache)
+
+    def project(self, h: Tensor) -> Tensor:
+        return self._run("project", h)
+
+    def new_cache(self):
+        return self.model.new_cache()
 
 
 def _pick(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
