@@ -237,3 +237,16 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
     assert (results[0]["decoder.layers.0.ffn.w1.weight"] - initial["decoder.layers.0.ffn.w1.weight"]).abs().max() > 1e-3
     for name, value in results[0].items():
         torch.testing.assert_close(results[1][name], value, atol=1e-6, rtol=0, msg=name)
+
+
+def test_auto_precision_follows_native_bf16(monkeypatch):
+    from transformer import train as train_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: True)
+    assert train_module.resolve_precision("auto", cpu)[0] == "bf16"
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: False)
+    assert train_module.resolve_precision("auto", cpu) == ("fp32", "auto: cpu has no native bf16")
+    assert train_module.resolve_precision("bf16", cpu)[0] == "bf16"
+    with pytest.raises(train_module.UserError):
+        train_module.resolve_precision("fp8", cpu)
