@@ -36,7 +36,7 @@ def _model_config(args: argparse.Namespace):
     """The preset named by --preset with the model flags the user gave applied."""
     overrides = {
         field: getattr(args, field)
-        for field in ("d_model", "n_heads", "d_ff", "dropout", "max_len", "attn_window")
+        for field in ("d_model", "n_heads", "d_ff", "dropout", "max_len", "attn_window", "positions")
         if getattr(args, field) is not None
     }
     if args.layers is not None:
@@ -198,6 +198,21 @@ def _quickstart(args: argparse.Namespace) -> None:
     print(f"total time {(time.perf_counter() - start) / 60:.1f} min; model in {run}")
 
 
+def _model_flags(p: argparse.ArgumentParser, preset_default: str) -> None:
+    """The model flags of every training command: a preset and overrides of its fields."""
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", default=preset_default, help=f"one of: {', '.join(PRESETS)}")
+    model.add_argument("--d-model", type=int, help="override the preset's d_model")
+    model.add_argument("--n-heads", type=int, help="override the preset's number of heads")
+    model.add_argument("--d-ff", type=int, help="override the preset's FFN width")
+    model.add_argument("--layers", type=int, help="override the preset's depth (encoder and decoder)")
+    model.add_argument("--dropout", type=float, help="override the preset's dropout")
+    model.add_argument("--max-len", type=int, help="longest sequence in tokens")
+    model.add_argument("--attn-window", type=int, help="restricted self-attention radius r")
+    model.add_argument("--norm-first", action="store_true", help="pre-norm blocks instead of the paper's post-norm")
+    model.add_argument("--positions", choices=["sinusoidal", "learned"], help="override the preset's positions")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transformer",
@@ -243,16 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--vocab-size", type=int, default=8000, help="joint vocabulary size")
     data.add_argument("--tokenizer", default="bpe", choices=["bpe", "unigram"], help="sentencepiece model type")
     p.add_argument("--out", required=True, help="run directory (the best model is written at its top)")
-    model = p.add_argument_group("model")
-    model.add_argument("--preset", default="small", help=f"one of: {', '.join(PRESETS)}")
-    model.add_argument("--d-model", type=int, help="override the preset's d_model")
-    model.add_argument("--n-heads", type=int, help="override the preset's number of heads")
-    model.add_argument("--d-ff", type=int, help="override the preset's FFN width")
-    model.add_argument("--layers", type=int, help="override the encoder and decoder depth")
-    model.add_argument("--dropout", type=float, help="override the preset's dropout")
-    model.add_argument("--max-len", type=int, help="longest sequence in tokens")
-    model.add_argument("--attn-window", type=int, help="restricted self-attention radius r")
-    model.add_argument("--norm-first", action="store_true", help="pre-norm blocks instead of the paper's post-norm")
+    _model_flags(p, "small")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
     opt.add_argument("--update-freq", type=int, default=1, help="batches accumulated per optimiser step")
@@ -265,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--clip-norm", type=float, help="clip the gradient norm to this value")
     opt.add_argument("--seed", type=int, default=1, help="random seed")
     opt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                     help="auto = bf16 autocast on a GPU that supports it, else fp32")
+                     help="auto = bf16 autocast where bf16 is native (GPU, AVX-512-BF16/AMX CPU), else fp32")
     run = p.add_argument_group("run")
     run.add_argument("--valid-every", type=int, default=1000, help="steps between validations and checkpoints")
     run.add_argument("--valid-bleu-lines", type=int, help="decode only the first N validation lines for BLEU")
@@ -320,11 +326,6 @@ def _loop_config(args: argparse.Namespace):
     )
 
 
-def _lm_model_config(args: argparse.Namespace):
-    cfg = _model_config(args)
-    return cfg.replace(positions=args.positions) if args.positions else cfg
-
-
 def _lm_train(args: argparse.Namespace) -> None:
     from .lm import LMConfig, train_lm
 
@@ -333,7 +334,7 @@ def _lm_train(args: argparse.Namespace) -> None:
         valid_fraction=args.valid_fraction, block_size=args.block_size, batch_size=args.batch_size,
         eval_batches=args.eval_batches,
     )
-    train_lm(cfg, _lm_model_config(args), say=_say)
+    train_lm(cfg, _model_config(args), say=_say)
 
 
 def _lm_sample(args: argparse.Namespace) -> None:
@@ -355,7 +356,7 @@ def _mlm_train(args: argparse.Namespace) -> None:
         vocab_size=args.vocab_size, batch_size=args.batch_size, max_len=args.max_len or 128,
         mask_prob=args.mask_prob,
     )
-    train_mlm(cfg, _lm_model_config(args).replace(max_len=cfg.max_len), say=_say)
+    train_mlm(cfg, _model_config(args).replace(max_len=cfg.max_len), say=_say)
 
 
 def _mlm_fill(args: argparse.Namespace) -> None:
@@ -384,16 +385,7 @@ def _language_model_commands(sub) -> None:
     def train_flags(p: argparse.ArgumentParser, preset_default: str, lr: float, warmup: int, beta2: float) -> None:
         p.add_argument("--text", required=True, help="training text (UTF-8)")
         p.add_argument("--out", required=True, help="run directory (the best model is written at its top)")
-        model = p.add_argument_group("model")
-        model.add_argument("--preset", default=preset_default, help=f"one of: {', '.join(PRESETS)}")
-        model.add_argument("--d-model", type=int, help="override the preset's d_model")
-        model.add_argument("--n-heads", type=int, help="override the preset's number of heads")
-        model.add_argument("--d-ff", type=int, help="override the preset's FFN width")
-        model.add_argument("--layers", type=int, help="override the preset's depth")
-        model.add_argument("--dropout", type=float, help="override the preset's dropout")
-        model.add_argument("--norm-first", action="store_true", help="pre-norm blocks instead of the paper's post-norm")
-        model.add_argument("--positions", choices=["sinusoidal", "learned"], help="override the preset's positions")
-        p.set_defaults(attn_window=None)
+        _model_flags(p, preset_default)
         opt = p.add_argument_group("optimisation (AdamW, warm-up, then a schedule)")
         opt.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
         opt.add_argument("--max-minutes", type=float, help="stop after this much wall-clock time (whole run)")
@@ -408,7 +400,7 @@ def _language_model_commands(sub) -> None:
         opt.add_argument("--clip-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
         opt.add_argument("--seed", type=int, default=1, help="random seed")
         opt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                         help="auto = bf16 autocast on a GPU that supports it, else fp32")
+                         help="auto = bf16 autocast where bf16 is native (GPU, AVX-512-BF16/AMX CPU), else fp32")
         run = p.add_argument_group("run")
         run.add_argument("--valid-every", type=int, default=250, help="steps between validations and checkpoints")
         run.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
@@ -430,7 +422,6 @@ def _language_model_commands(sub) -> None:
     data.add_argument("--block-size", type=int, default=64, help="context length in tokens")
     data.add_argument("--batch-size", type=int, default=12, help="windows per optimiser step")
     data.add_argument("--eval-batches", type=int, default=50, help="validation batches (fixed) per evaluation")
-    p.set_defaults(max_len=None)
     p = command(lm, "sample", _lm_sample, "Continue a prompt with a trained language model.")
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")

@@ -20,11 +20,11 @@ from transformer.errors import UserError
 from transformer.tokenizer import Tokenizer
 
 
-def read_lines(path: str | Path) -> list[str]:
-    """The lines of a UTF-8 text file, each stripped of surrounding whitespace.
+def read_text(path: str | Path) -> str:
+    """The whole of a UTF-8 text file, without a leading byte-order mark.
 
-    Lines are split on ``"\\n"`` only, so line numbers match those of editors
-    and of the parallel file. A leading byte-order mark is dropped.
+    A missing file, a directory or invalid UTF-8 raise `UserError` naming the file
+    (and for invalid UTF-8 the line and column).
     """
     try:
         data = Path(path).read_bytes()
@@ -42,7 +42,17 @@ def read_lines(path: str | Path) -> list[str]:
         raise UserError(
             f"{path}:{line}: invalid UTF-8 (byte 0x{data[e.start]:02x} at column {column})"
         ) from None
-    lines = text.removeprefix("\ufeff").split("\n")
+    return text.removeprefix("\ufeff")
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file (see `read_text`), each stripped of surrounding whitespace.
+
+    Lines are split on ``"\\n"`` only, so line numbers match those of editors
+    and of the parallel file.
+    """
+    text = read_text(path)
+    lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()  # the file ends with a newline (or is empty)
     return [line.strip() for line in lines]

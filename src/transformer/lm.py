@@ -32,6 +32,7 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
+from .data import read_text as read_file
 from .config import ModelConfig
 from .decode import sample
 from .errors import UserError
@@ -56,20 +57,11 @@ class LMConfig:
 
 
 def read_text(path: Path) -> str:
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a text file") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}:{line}: invalid UTF-8 (byte 0x{data[e.start]:02x})") from None
+    """The training text; `UserError` if it cannot be read or holds no text."""
+    text = read_file(path)
     if not text.strip():
         raise UserError(f"{path}: no text")
-    return text.removeprefix("\ufeff")
+    return text
 
 
 def train_tokenizer(text: str, vocab: str, vocab_size: int = 1000) -> Tokenizer:
