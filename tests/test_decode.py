@@ -475,7 +475,6 @@ def test_cli_decoding_options(monkeypatch, capsys):
 
     model, seen = _model(), []
     monkeypatch.setattr(cli, "_load", lambda args: (model, model.cfg, Tok(), {}))
-    real = cli.translate_lines if hasattr(cli, "translate_lines") else None
     import transformer.translate as tr
 
     original = tr.translate_lines
