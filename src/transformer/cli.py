@@ -440,7 +440,6 @@ def _language_model_commands(sub) -> None:
     data.add_argument("--valid", help="validation sentences (default: the last 5%% of --text)")
     data.add_argument("--vocab-size", type=int, default=8000, help="BPE vocabulary size")
     data.add_argument("--batch-size", type=int, default=128, help="sentences per optimiser step")
-    data.add_argument("--max-len", type=int, default=128, help="longest sequence in tokens ([CLS], [SEP] included)")
     data.add_argument("--mask-prob", type=float, default=0.15, help="share of the tokens chosen for prediction")
     p = command(mlm, "fill", _mlm_fill, "Print the most likely fillers of each [MASK] in a sentence.")
     p.add_argument("--model", required=True, help="model directory")
