@@ -14,9 +14,12 @@ rank 0 while the others wait, so the timeout must exceed the longest validation.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -85,6 +88,25 @@ def teardown() -> None:
     if _OWNED and dist.is_initialized():
         dist.destroy_process_group()
     _OWNED = False
+
+
+@contextlib.contextmanager
+def job(device: torch.device) -> Iterator[Dist]:
+    """Join the job for the duration of a training run (see `setup`), and leave it at the end.
+
+    A rank that fails says so on stderr and leaves the process group at once, so that its
+    process exits non-zero and torchrun stops the others instead of leaving them waiting.
+    """
+    world = setup(device)
+    try:
+        yield world
+    except BaseException as e:
+        if world.active:
+            print(f"rank {world.rank}: training failed: {type(e).__name__}: {e}; leaving the job",
+                  file=sys.stderr, flush=True)
+        raise
+    finally:
+        teardown()
 
 
 def shard(step: int, update_freq: int, world_size: int, rank: int) -> list[int]:

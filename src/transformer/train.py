@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -401,190 +400,161 @@ def fit(
     checkpoint holds every rank's RNG state. A rank that fails leaves the process group
     and re-raises, so that its process exits non-zero and torchrun stops the others.
     """
-    device = next(model.parameters()).device
-    world = distributed.setup(device)
-    try:
-        return _fit(cfg, model, model_cfg, tokenizer, batch_for_step, loss_fn, validate_fn, best_metric,
-                    higher_is_better, state, meta, say, optim, world)
-    except BaseException as e:
-        if world.active:
-            print(f"rank {world.rank}: training failed: {type(e).__name__}: {e}; leaving the job",
-                  file=sys.stderr, flush=True)
-        raise
-    finally:
-        distributed.teardown()  # a failed rank leaves at once; torchrun then stops the others
-
-
-def _fit(
-    cfg: LoopConfig,
-    model: torch.nn.Module,
-    model_cfg: ModelConfig,
-    tokenizer: Tokenizer,
-    batch_for_step: Callable[[int], object],
-    loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, int]],
-    validate_fn: Callable[[torch.nn.Module], dict[str, float]],
-    best_metric: str,
-    higher_is_better: bool,
-    state: dict | None,
-    meta: dict | None,
-    say: Callable[[str], None],
-    optim: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler] | None,
-    world: distributed.Dist,
-) -> Path:
-    out = Path(cfg.out)
-    device = next(model.parameters()).device
-    if world.active and device.type == "cuda" and device.index != torch.cuda.current_device():
-        if optim is not None:
-            raise UserError(f"rank {world.rank}: the model is on {device}, not on cuda:{torch.cuda.current_device()}")
-        device = torch.device("cuda", torch.cuda.current_device())
-        model.to(device)
-    if not world.main:
-        say = _quiet
-    precision, why = resolve_precision(cfg.precision, device)
-    say(f"device {device}, precision {precision} ({why})"
-        + (f"; {world.world_size} processes (DistributedDataParallel, {dist.get_backend()})" if world.active else ""))
-    tokenizer_bytes = tokenizer.to_bytes()
-    if world.active:  # every rank must train the same model with the same vocabulary
-        mine = (tokenizer_bytes, model_cfg.to_dict())
-        everyone: list = [None] * world.world_size
-        dist.all_gather_object(everyone, mine)
-        if any(other != mine for other in everyone):
-            raise UserError("the ranks built different tokenizers or model configs; train the vocabulary once "
-                            "(one process), then --resume from it")
-    optimizer, scheduler = optim or make_adamw(model, cfg)
-    step, best, elapsed = 0, None, 0.0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, best, elapsed = state["step"], state["best"], state["elapsed_s"]
-        ranks = state.get("rng_ranks")
-        if ranks is not None and len(ranks) == world.world_size:
-            _set_rng_state(ranks[world.rank])
-        elif world.main:
-            _set_rng_state(state["rng"])
-        else:  # saved by a run with another number of processes
-            torch.manual_seed(rank_seed(cfg.seed, world.rank, step))
-    else:
-        torch.manual_seed(cfg.seed if world.main else rank_seed(cfg.seed, world.rank, 0))
-    log_path = out / LOG
-    if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        _trim_log(log_path, step)
-    meta = (meta or {}) | {"loop": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}}
-    if world.active:
-        meta = meta | {"processes": world.world_size}
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            _LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None,
-            forward_sync_buffers=False,  # the only buffers (sinusoid tables) never change
-        )
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-
-    def log(record: dict) -> None:
-        with log_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def checkpoint_and_validate() -> None:
-        nonlocal best
-        if world.main:
-            model.eval()
-            with torch.no_grad(), autocast():
-                metrics = validate_fn(model)
-            model.train()
-        rng = _rng_state()
-        rng_ranks = None
-        if world.active:  # also the barrier: the other ranks wait here for rank 0's validation
-            rng_ranks = [None] * world.world_size
-            dist.all_gather_object(rng_ranks, rng)
+    with distributed.job(next(model.parameters()).device) as world:
+        out = Path(cfg.out)
+        device = next(model.parameters()).device
+        if world.active and device.type == "cuda" and device.index != torch.cuda.current_device():
+            if optim is not None:
+                raise UserError(f"rank {world.rank}: the model is on {device}, not on cuda:{torch.cuda.current_device()}")
+            device = torch.device("cuda", torch.cuda.current_device())
+            model.to(device)
         if not world.main:
-            return
-        log({"kind": "valid", "step": step, **metrics, "elapsed_s": round(elapsed, 1)})
-        say(f"step {step}: " + ", ".join(f"valid {k} {v:.4f}" for k, v in metrics.items()) + f" ({elapsed:.0f} s)")
-        value = metrics[best_metric]
-        improved = best is None or (value > best if higher_is_better else value < best)
-        best = value if improved else best
-        train_state = {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
-            "step": step, "best": best, "elapsed_s": elapsed,
-        }
-        if rng_ranks is not None:
-            train_state["rng_ranks"] = rng_ranks
-        ckpt.save_model_dir(ckpt.checkpoint_dir(out, step), model, model_cfg, tokenizer_bytes, train_state, meta)
-        ckpt.prune_checkpoints(out, cfg.keep_last)
-        if improved:
-            best_meta = meta | {"best": {"step": step, best_metric: value}}
-            ckpt.save_model_dir(out, model, model_cfg, tokenizer_bytes, meta=best_meta)
-
-    def done() -> bool:
-        return (cfg.max_steps is not None and step >= cfg.max_steps) or (
-            cfg.max_minutes is not None and elapsed >= 60 * cfg.max_minutes
-        )
-
-    model.train()
-    run_start = time.perf_counter() - elapsed  # wall-clock, validation included, across resumes
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not (cfg.progress and world.main),
-               dynamic_ncols=True)
-    last_validated = step
-    checkpointed = state is not None or bool(ckpt.list_checkpoints(out))
-    tokens_since, time_since = 0, 0.0
-    while not done():
-        t0 = time.perf_counter()
-        loss_sum, n = torch.zeros((), device=device), 0
-        if world.active:
-            numbers = distributed.shard(step, cfg.update_freq, world.world_size, world.rank)
-            for k, i in enumerate(numbers):
-                last = k == len(numbers) - 1
-                with contextlib.nullcontext() if last else ddp.no_sync():
-                    with autocast():
-                        batch_loss, batch_n = ddp(batch_for_step(i))
-                    batch_loss.backward()  # DDP averages the gradients over the ranks in the last one
-                loss_sum, n = loss_sum + batch_loss.detach(), n + batch_n
-            totals = torch.stack([loss_sum.double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
-            dist.all_reduce(totals)
-            loss_total, n = totals[0], int(totals[1].item())
-            # The gradients hold (sum over ranks of the summed-loss gradients) / W.
-            divisor = max(n, 1) / world.world_size
+            say = _quiet
+        precision, why = resolve_precision(cfg.precision, device)
+        say(f"device {device}, precision {precision} ({why})"
+            + (f"; {world.world_size} processes (DistributedDataParallel, {dist.get_backend()})" if world.active else ""))
+        tokenizer_bytes = tokenizer.to_bytes()
+        if world.active:  # every rank must train the same model with the same vocabulary
+            mine = (tokenizer_bytes, model_cfg.to_dict())
+            everyone: list = [None] * world.world_size
+            dist.all_gather_object(everyone, mine)
+            if any(other != mine for other in everyone):
+                raise UserError("the ranks built different tokenizers or model configs; train the vocabulary once "
+                                "(one process), then --resume from it")
+        optimizer, scheduler = optim or make_adamw(model, cfg)
+        step, best, elapsed = 0, None, 0.0
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, best, elapsed = state["step"], state["best"], state["elapsed_s"]
+            ranks = state.get("rng_ranks")
+            if ranks is not None and len(ranks) == world.world_size:
+                _set_rng_state(ranks[world.rank])
+            elif world.main:
+                _set_rng_state(state["rng"])
+            else:  # saved by a run with another number of processes
+                torch.manual_seed(rank_seed(cfg.seed, world.rank, step))
         else:
-            for i in range(step * cfg.update_freq, (step + 1) * cfg.update_freq):
-                with autocast():
-                    batch_loss, batch_n = loss_fn(model, batch_for_step(i))
-                batch_loss.backward()
-                loss_sum, n = loss_sum + batch_loss.detach(), n + batch_n
-            loss_total, divisor = loss_sum, max(n, 1)
-        for p in model.parameters():  # mean over the step's predictions, however many batches and ranks
-            if p.grad is not None:
-                p.grad.div_(divisor)
-        if cfg.clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        now = time.perf_counter()
-        elapsed = now - run_start
-        if world.active and cfg.max_minutes is not None:  # every rank stops at the same step: rank 0's clock
-            clock = torch.tensor([elapsed], dtype=torch.float64, device=device)
-            dist.broadcast(clock, 0)
-            elapsed = float(clock.item())
-        tokens_since, time_since = tokens_since + n, time_since + (now - t0)
-        bar.update(1)
-        if world.main and (step % cfg.log_every == 0 or step == 1):
-            loss = loss_total.item() / max(n, 1)
-            log({"kind": "train", "step": step, "loss": loss, "lr": lr,
-                 "tokens_per_s": round(tokens_since / time_since, 1), "elapsed_s": round(elapsed, 1)})
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_since / time_since:.0f}")
-        if step % cfg.log_every == 0 or step == 1:
-            tokens_since, time_since = 0, 0.0
-        if step % cfg.valid_every == 0:
+            torch.manual_seed(cfg.seed if world.main else rank_seed(cfg.seed, world.rank, 0))
+        log_path = out / LOG
+        if world.main:
+            out.mkdir(parents=True, exist_ok=True)
+            _trim_log(log_path, step)
+        meta = (meta or {}) | {"loop": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}}
+        if world.active:
+            meta = meta | {"processes": world.world_size}
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                _LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None,
+                forward_sync_buffers=False,  # the only buffers (sinusoid tables) never change
+            )
+
+        def autocast():
+            return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+        def log(record: dict) -> None:
+            with log_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+        def checkpoint_and_validate() -> None:
+            nonlocal best
+            if world.main:
+                model.eval()
+                with torch.no_grad(), autocast():
+                    metrics = validate_fn(model)
+                model.train()
+            rng = _rng_state()
+            rng_ranks = None
+            if world.active:  # also the barrier: the other ranks wait here for rank 0's validation
+                rng_ranks = [None] * world.world_size
+                dist.all_gather_object(rng_ranks, rng)
+            if not world.main:
+                return
+            log({"kind": "valid", "step": step, **metrics, "elapsed_s": round(elapsed, 1)})
+            say(f"step {step}: " + ", ".join(f"valid {k} {v:.4f}" for k, v in metrics.items()) + f" ({elapsed:.0f} s)")
+            value = metrics[best_metric]
+            improved = best is None or (value > best if higher_is_better else value < best)
+            best = value if improved else best
+            train_state = {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+                "step": step, "best": best, "elapsed_s": elapsed,
+            }
+            if rng_ranks is not None:
+                train_state["rng_ranks"] = rng_ranks
+            ckpt.save_model_dir(ckpt.checkpoint_dir(out, step), model, model_cfg, tokenizer_bytes, train_state, meta)
+            ckpt.prune_checkpoints(out, cfg.keep_last)
+            if improved:
+                best_meta = meta | {"best": {"step": step, best_metric: value}}
+                ckpt.save_model_dir(out, model, model_cfg, tokenizer_bytes, meta=best_meta)
+
+        def done() -> bool:
+            return (cfg.max_steps is not None and step >= cfg.max_steps) or (
+                cfg.max_minutes is not None and elapsed >= 60 * cfg.max_minutes
+            )
+
+        model.train()
+        run_start = time.perf_counter() - elapsed  # wall-clock, validation included, across resumes
+        bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not (cfg.progress and world.main),
+                   dynamic_ncols=True)
+        last_validated = step
+        checkpointed = state is not None or bool(ckpt.list_checkpoints(out))
+        tokens_since, time_since = 0, 0.0
+        while not done():
+            t0 = time.perf_counter()
+            loss_sum, n = torch.zeros((), device=device), 0
+            if world.active:
+                numbers = distributed.shard(step, cfg.update_freq, world.world_size, world.rank)
+                for k, i in enumerate(numbers):
+                    last = k == len(numbers) - 1
+                    with contextlib.nullcontext() if last else ddp.no_sync():
+                        with autocast():
+                            batch_loss, batch_n = ddp(batch_for_step(i))
+                        batch_loss.backward()  # DDP averages the gradients over the ranks in the last one
+                    loss_sum, n = loss_sum + batch_loss.detach(), n + batch_n
+                totals = torch.stack([loss_sum.double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
+                dist.all_reduce(totals)
+                loss_total, n = totals[0], int(totals[1].item())
+                # The gradients hold (sum over ranks of the summed-loss gradients) / W.
+                divisor = max(n, 1) / world.world_size
+            else:
+                for i in range(step * cfg.update_freq, (step + 1) * cfg.update_freq):
+                    with autocast():
+                        batch_loss, batch_n = loss_fn(model, batch_for_step(i))
+                    batch_loss.backward()
+                    loss_sum, n = loss_sum + batch_loss.detach(), n + batch_n
+                loss_total, divisor = loss_sum, max(n, 1)
+            for p in model.parameters():  # mean over the step's predictions, however many batches and ranks
+                if p.grad is not None:
+                    p.grad.div_(divisor)
+            if cfg.clip_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            now = time.perf_counter()
+            elapsed = now - run_start
+            if world.active and cfg.max_minutes is not None:  # every rank stops at the same step: rank 0's clock
+                clock = torch.tensor([elapsed], dtype=torch.float64, device=device)
+                dist.broadcast(clock, 0)
+                elapsed = float(clock.item())
+            tokens_since, time_since = tokens_since + n, time_since + (now - t0)
+            bar.update(1)
+            if world.main and (step % cfg.log_every == 0 or step == 1):
+                loss = loss_total.item() / max(n, 1)
+                log({"kind": "train", "step": step, "loss": loss, "lr": lr,
+                     "tokens_per_s": round(tokens_since / time_since, 1), "elapsed_s": round(elapsed, 1)})
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_since / time_since:.0f}")
+            if step % cfg.log_every == 0 or step == 1:
+                tokens_since, time_since = 0, 0.0
+            if step % cfg.valid_every == 0:
+                checkpoint_and_validate()
+                last_validated, checkpointed = step, True
+        bar.close()
+        if last_validated != step or not checkpointed:
             checkpoint_and_validate()
-            last_validated, checkpointed = step, True
-    bar.close()
-    if last_validated != step or not checkpointed:
-        checkpoint_and_validate()
-    if world.active:
-        dist.barrier()  # the others leave once rank 0 has written the last checkpoint
-    if world.main:
-        say(f"done: step {step}, {elapsed / 60:.1f} min; best valid {best_metric} {best:.4f}; best model in {out}")
-    return out
+        if world.active:
+            dist.barrier()  # the others leave once rank 0 has written the last checkpoint
+        if world.main:
+            say(f"done: step {step}, {elapsed / 60:.1f} min; best valid {best_metric} {best:.4f}; best model in {out}")
+        return out
