@@ -177,7 +177,7 @@ def _quickstart(args: argparse.Namespace) -> None:
     from .decode import SearchConfig
     from .evaluate import score
     from .train import TrainConfig, train
-    from .translate import translate_lines
+    from .translate import resolve_device, translate_lines
 
     data = multi30k_dir()
     cfg = TrainConfig(
@@ -188,7 +188,7 @@ def _quickstart(args: argparse.Namespace) -> None:
     )
     start = time.perf_counter()
     run = train(cfg, preset("small"), say=_say)
-    model, _, tokenizer, meta = load_model_dir(run, cfg.device if cfg.device != "auto" else "cpu")
+    model, _, tokenizer, meta = load_model_dir(run, resolve_device(cfg.device))
     src, ref = read_lines(data / "test2016.en"), read_lines(data / "test2016.de")
     hyps = translate_lines(model, tokenizer, src, SearchConfig(beam=4, alpha=0.6), batch_size=64, progress=True)
     print(f"Multi30k test2016 en->de, best checkpoint (step {meta['best']['step']}), beam 4:")
