@@ -11,7 +11,8 @@ from transformer.cli import main
 from transformer.lm import encode_text, generate, generate_ids, train_tokenizer
 from transformer.train import LoopConfig, lr_factor
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
+# shared/ lies beside the checkout on developer machines and in CI
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 FALLBACK = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
@@ -53,8 +54,6 @@ def test_tokenizer_round_trips_text_with_newlines(vocab):
 
 
 def test_tiny_shakespeare_char_vocabulary_has_65_characters():
-    if not SHAKESPEARE.exists():
-        pytest.skip("Tiny Shakespeare is not on this machine")
     text = SHAKESPEARE.read_text(encoding="utf-8")
     assert train_tokenizer(text, "char").vocab_size == 65 + 4
 
