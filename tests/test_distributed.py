@@ -4,11 +4,14 @@ Each multi-process test starts 2 processes the way torchrun does: the environmen
 variables WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, which `fit` reads.
 """
 
+import faulthandler
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from transformer.distributed import shard
 from transformer.train import EpochBatches
 
 WORLD = 2
+DEADLINE_S = 240  # a 2-process test still running after this has hung: it fails, with the ranks' stacks
 
 
 def _free_port() -> int:
@@ -33,12 +37,25 @@ def _free_port() -> int:
 def _join(rank: int, port: int) -> None:
     """The environment torchrun gives rank `rank` of a 2-process job on this machine."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
-                      LOCAL_RANK=str(rank), TRANSFORMER_DIST_TIMEOUT_MIN="1")
+                      LOCAL_RANK=str(rank), TRANSFORMER_DIST_TIMEOUT_MIN="1", GLOO_SOCKET_IFNAME="lo")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `_spawn` asks a hung rank for its stacks
     torch.set_num_threads(1)
 
 
 def _spawn(worker, *args) -> None:
-    mp.spawn(worker, args=(_free_port(), *args), nprocs=WORLD, join=True)
+    """Run worker(rank, port, *args) in WORLD processes; fail (never hang) past DEADLINE_S."""
+    context = mp.start_processes(worker, args=(_free_port(), *args), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    while not context.join(timeout=1):  # raises when a rank fails
+        if time.monotonic() > deadline:
+            alive = [p for p in context.processes if p.is_alive()]
+            for p in alive:
+                os.kill(p.pid, signal.SIGUSR1)
+            time.sleep(2)
+            for p in alive:
+                p.kill()
+            pytest.fail(f"{worker.__name__}: {len(alive)} rank(s) still running after {DEADLINE_S} s; "
+                        "their stacks are on stderr")
 
 
 # --- sharding ---------------------------------------------------------------------------
@@ -140,7 +157,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--vocab-size", "300",
+    return ["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--vocab-size", "300", "--precision", "fp32",
             "--max-tokens", "400", "--warmup", "10", "--lr-scale", "2", "--log-every", "1", "--valid-every", "4",
             "--valid-bleu-lines", "10", "--no-progress", "--seed", "3", *extra]
 
@@ -196,13 +213,20 @@ def test_a_failing_rank_stops_the_job(tmp_path):
 def test_torchrun_runs_the_train_command(data, tmp_path):
     """The documented command (torchrun is torch.distributed.run): torchrun --standalone --nproc_per_node 2 -m transformer train ..."""
     out = tmp_path / "run"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "TRANSFORMER_DIST_TIMEOUT_MIN": "1"}
-    result = subprocess.run(
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TRANSFORMER_DIST_TIMEOUT_MIN": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    # torchrun and its workers in a session of their own, so that a timeout can stop all of them.
+    job = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "transformer",
          *_train_args(data, out, "--max-steps", "2")],
-        capture_output=True, text=True, env=env, timeout=120,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        _, stderr = job.communicate(timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        _, stderr = job.communicate()
+        pytest.fail(f"torchrun still running after {DEADLINE_S} s:\n{stderr[-3000:]}")
+    assert job.returncode == 0, stderr[-3000:]
     assert sorted(_losses(out)) == [1, 2]
-    assert "2 processes (DistributedDataParallel, gloo)" in result.stderr
+    assert "2 processes (DistributedDataParallel, gloo)" in stderr
     assert [c.name for c in list_checkpoints(out)] == ["step_00000002"]

@@ -8,21 +8,17 @@ import torch
 
 from transformer.checkpoint import list_checkpoints, load_model_dir
 from transformer.cli import main
+from transformer.corpora import tinyshakespeare_path
 from transformer.lm import encode_text, generate, generate_ids, train_tokenizer
 from transformer.train import LoopConfig, lr_factor
 
-# shared/ lies beside the checkout on developer machines and in CI
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
-FALLBACK = (
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
-)
+SHAKESPEARE = tinyshakespeare_path()
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
-    """About 20,000 characters of Tiny Shakespeare (or a repeated excerpt where it is absent)."""
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:20000] if SHAKESPEARE.exists() else FALLBACK * 60
+    """The first 20,000 characters of Tiny Shakespeare."""
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:20000]
     path = tmp_path_factory.mktemp("text") / "input.txt"
     path.write_text(text, encoding="utf-8")
     return path

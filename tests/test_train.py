@@ -239,13 +239,15 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
         torch.testing.assert_close(results[1][name], value, atol=1e-6, rtol=0, msg=name)
 
 
-def test_auto_precision_follows_native_bf16(monkeypatch):
+def test_auto_precision_is_bf16_only_on_a_gpu_with_native_bf16(monkeypatch):
     from transformer import train as train_module
 
-    cpu = torch.device("cpu")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(train_module, "native_bf16", lambda device: True)
-    assert train_module.resolve_precision("auto", cpu)[0] == "bf16"
+    assert train_module.resolve_precision("auto", gpu) == ("bf16", "auto: the GPU has native bf16")
+    assert train_module.resolve_precision("auto", cpu)[0] == "fp32"  # opt-in on CPUs
     monkeypatch.setattr(train_module, "native_bf16", lambda device: False)
+    assert train_module.resolve_precision("auto", gpu)[0] == "fp32"
     assert train_module.resolve_precision("auto", cpu) == ("fp32", "auto: cpu has no native bf16")
     assert train_module.resolve_precision("bf16", cpu)[0] == "bf16"
     with pytest.raises(train_module.UserError):

@@ -169,6 +169,26 @@ def _plot(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _attention(args: argparse.Namespace) -> None:
+    from .decode import SearchConfig
+    from .plots import plot_attention
+    from .translate import attention_maps
+
+    model, _, tokenizer, _ = _load(args)
+    maps = attention_maps(model, tokenizer, args.src, args.tgt, SearchConfig(beam=args.beam, alpha=args.alpha))
+    out = Path(args.out) if args.out else Path(args.model) / "attention"
+    print(f"translation: {maps.translation}")
+    views = {  # kind: (file name, title, query tokens, key tokens)
+        "encoder": ("encoder", "encoder self-attention", maps.src, maps.src),
+        "decoder": ("decoder", "decoder self-attention (causal)", maps.tgt_out, maps.tgt_in),
+        "cross": ("cross", "encoder-decoder attention", maps.tgt_out, maps.src),
+    }
+    for kind, (name, title, queries, keys) in views.items():
+        for layer, w in enumerate(maps.weights[kind], start=1):
+            path = plot_attention(w, keys, queries, f"{title}, layer {layer}", out / f"{name}_layer{layer}.png")
+            print(path)
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     """Train a small en->de model on the bundled Multi30k, then score it on test2016."""
     from .checkpoint import load_model_dir
@@ -271,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--clip-norm", type=float, help="clip the gradient norm to this value")
     opt.add_argument("--seed", type=int, default=1, help="random seed")
     opt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                     help="auto = bf16 autocast where bf16 is native (GPU, AVX-512-BF16/AMX CPU), else fp32")
+                     help="auto = bf16 autocast on a GPU with native bf16, else fp32 (bf16 on a CPU: ask for it)")
     run = p.add_argument_group("run")
     run.add_argument("--valid-every", type=int, default=1000, help="steps between validations and checkpoints")
     run.add_argument("--valid-bleu-lines", type=int, help="decode only the first N validation lines for BLEU")
@@ -303,6 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("plot", _plot, "Write PNG training curves (loss, validation BLEU, learning rate).")
     p.add_argument("run", help="run directory holding log.jsonl")
     p.add_argument("--out", help="PNG file to write (default: RUN/curves.png)")
+
+    p = command("attention", _attention,
+                "Draw PNG heatmaps of encoder, decoder and cross-attention, per layer and head, for one sentence.")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--src", required=True, help="source sentence")
+    p.add_argument("--tgt", help="target sentence to attend over (default: the model's translation)")
+    p.add_argument("--out", help="folder for the PNG files (default: MODEL/attention)")
+    p.add_argument("--beam", type=int, default=4, help="beam size of the translation; 1 = greedy")
+    p.add_argument("--alpha", type=float, default=0.6, help="length penalty ((5+|Y|)/6)^alpha")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
     p = command("quickstart", _quickstart,
                 "Train a small English->German model on the bundled Multi30k, then score it on test2016.")
@@ -400,7 +430,7 @@ def _language_model_commands(sub) -> None:
         opt.add_argument("--clip-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
         opt.add_argument("--seed", type=int, default=1, help="random seed")
         opt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                         help="auto = bf16 autocast where bf16 is native (GPU, AVX-512-BF16/AMX CPU), else fp32")
+                         help="auto = bf16 autocast on a GPU with native bf16, else fp32 (bf16 on a CPU: ask for it)")
         run = p.add_argument_group("run")
         run.add_argument("--valid-every", type=int, default=250, help="steps between validations and checkpoints")
         run.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")

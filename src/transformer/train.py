@@ -67,7 +67,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     clip_norm: float | None = None
     seed: int = 1
-    precision: str = "auto"  # fp32 | bf16 | auto (bf16 on a CUDA GPU that supports it)
+    precision: str = "auto"  # fp32 | bf16 | auto (bf16 on a CUDA GPU that supports it, else fp32)
     device: str = "auto"
     valid_every: int = 1000  # steps between validations and checkpoints
     valid_bleu_lines: int | None = None  # decode only the first N validation lines for BLEU
@@ -98,13 +98,20 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> tuple[str, str]:
-    """The precision to train in, and why: `auto` picks bf16 autocast where it is native, else fp32."""
+    """The precision to train in, and why: `auto` picks bf16 autocast on a GPU with native bf16, else fp32.
+
+    CPUs get fp32 under `auto` even where bf16 is native (AVX-512-BF16/AMX): no such CPU was
+    at hand to measure that bf16 pays there and trains as well, so it stays opt-in
+    (`--precision bf16`); on CPUs without it, bf16 is about 40x slower (BENCHMARKS.md).
+    """
     if name not in ("auto", "fp32", "bf16"):
         raise UserError(f"--precision {name}: choose fp32, bf16 or auto")
     if name != "auto":
         return name, "as asked"
-    if native_bf16(device):
-        return "bf16", f"auto: {device.type} has native bf16"
+    if device.type == "cuda" and native_bf16(device):
+        return "bf16", "auto: the GPU has native bf16"
+    if device.type == "cpu" and native_bf16(device):
+        return "fp32", "auto: fp32 on CPUs; --precision bf16 uses this CPU's native bf16"
     return "fp32", f"auto: {device.type} has no native bf16"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -57,3 +58,55 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise UserError(f"--device {name}: choose auto, cpu or cuda")
     return torch.device(name)
+
+
+@dataclass(frozen=True)
+class AttentionMaps:
+    """The attention weights of one sentence pair, as in the paper's Figures 3-5.
+
+    ``weights["encoder"|"decoder"|"cross"]`` hold one (H, queries, keys) tensor per layer.
+    Encoder: `src` × `src`. Decoder self-attention: row i predicts ``tgt_out[i]`` from
+    the inputs ``tgt_in[: i + 1]`` (causal). Cross-attention: `tgt_out` × `src`.
+    """
+
+    translation: str  # the detokenized target
+    src: list[str]  # source pieces, then </s>
+    tgt_in: list[str]  # <s>, then the target pieces
+    tgt_out: list[str]  # the target pieces, then </s>
+    weights: dict[str, list[torch.Tensor]]
+
+
+@torch.no_grad()
+def attention_maps(
+    model: EncoderDecoder, tokenizer: Tokenizer, source: str, target: str | None = None,
+    search: SearchConfig = SearchConfig(),
+) -> AttentionMaps:
+    """Attention weights of every layer and head for `source` and its translation.
+
+    The translation is `target` when given, else the model's own (found with `search`);
+    the weights come from one teacher-forced pass over it (written-out attention path).
+    """
+    device = next(model.parameters()).device
+    src_ids = tokenizer.encode([source.strip()])[0]
+    if not src_ids:
+        raise UserError("the source sentence is empty")
+    if len(src_ids) > model.cfg.max_len - 1:
+        raise UserError(f"the source sentence has {len(src_ids)} tokens, over the model's limit of {model.cfg.max_len - 1}")
+    src = collate_source([src_ids], model.cfg.pad_id, Tokenizer.EOS).to(device)  # (1, S)
+    was_training = model.training
+    model.eval()
+    try:
+        tgt_ids = tokenizer.encode([target.strip()])[0] if target is not None else translate_batch(model, src, search)[0]
+        tgt_in = torch.tensor([[Tokenizer.BOS] + tgt_ids], device=device)  # (1, T)
+        weights: dict[str, list[torch.Tensor]] = {}
+        model(src, tgt_in, attn_weights=weights)
+    finally:
+        model.train(was_training)
+    piece = tokenizer.id_to_piece
+    return AttentionMaps(
+        translation=tokenizer.decode([tgt_ids])[0],
+        src=[piece(i) for i in src_ids] + ["</s>"],
+        tgt_in=["<s>"] + [piece(i) for i in tgt_ids],
+        tgt_out=[piece(i) for i in tgt_ids] + ["</s>"],
+        weights={kind: [w[0].float().cpu() for w in layers] for kind, layers in weights.items()},  # (H, Tq, Tk)
+    )

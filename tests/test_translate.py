@@ -1,0 +1,85 @@
+"""Attention maps of one sentence (`transformer attention`), in the spirit of the paper's Figures 3-5."""
+
+
+import pytest
+import torch
+
+from transformer.checkpoint import save_model_dir
+from transformer.cli import main
+from transformer.config import preset
+from transformer.decode import SearchConfig
+from transformer.errors import UserError
+from transformer.models import build_model
+from transformer.tokenizer import Tokenizer
+from transformer.translate import attention_maps, translate_lines
+
+SENTENCES = ["a man rides a horse", "two dogs play in the snow", "a girl reads a book", "the men walk home"] * 10
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.train(SENTENCES, 40, model_type="char")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(3)
+    cfg = preset("tiny", vocab_size=tokenizer.vocab_size, dropout=0.1, n_decoder_layers=3)
+    return build_model(cfg)  # in training mode: attention_maps must still be deterministic (eval)
+
+
+def test_maps_have_every_layer_and_head_and_are_distributions(model, tokenizer):
+    maps = attention_maps(model, tokenizer, "a man reads", "two dogs")
+    cfg = model.cfg
+    S, T = len(tokenizer.encode(["a man reads"])[0]) + 1, len(tokenizer.encode(["two dogs"])[0]) + 1
+    assert (len(maps.src), len(maps.tgt_in), len(maps.tgt_out)) == (S, T, T)
+    assert maps.src[-1] == "</s>" and maps.tgt_in[0] == "<s>" and maps.tgt_out[-1] == "</s>"
+    assert maps.tgt_in[1:] == maps.tgt_out[:-1] and maps.translation == "two dogs"
+    shapes = {"encoder": (cfg.n_encoder_layers, (S, S)), "decoder": (cfg.n_decoder_layers, (T, T)),
+              "cross": (cfg.n_decoder_layers, (T, S))}
+    for kind, (layers, queries_keys) in shapes.items():
+        assert len(maps.weights[kind]) == layers
+        for w in maps.weights[kind]:
+            assert w.shape == (cfg.n_heads, *queries_keys)
+            torch.testing.assert_close(w.sum(-1), torch.ones(cfg.n_heads, queries_keys[0]))
+    for w in maps.weights["decoder"]:  # causal: no weight on later target positions
+        assert torch.all(w.triu(diagonal=1) == 0)
+    assert model.training  # the model is left in the mode it came in
+
+
+def test_maps_follow_the_models_own_translation(model, tokenizer):
+    search = SearchConfig(beam=2, max_len_b=6)
+    source = "the men walk"
+    maps = attention_maps(model, tokenizer, source, search=search)
+    model.eval()
+    try:
+        expected = translate_lines(model, tokenizer, [source], search)[0]
+    finally:
+        model.train()
+    assert maps.translation == expected
+    again = attention_maps(model, tokenizer, source, search=search)  # eval mode: no dropout on the weights
+    for a, b in zip(maps.weights["cross"], again.weights["cross"]):
+        torch.testing.assert_close(a, b)
+
+
+def test_empty_source_is_a_user_error(model, tokenizer):
+    with pytest.raises(UserError, match="empty"):
+        attention_maps(model, tokenizer, "   ")
+
+
+def test_cli_writes_a_heatmap_per_layer_and_kind(model, tokenizer, tmp_path, capsys):
+    save_model_dir(tmp_path / "model", model, model.cfg, tokenizer.to_bytes())
+    out = tmp_path / "maps"
+    code = main(["attention", "--model", str(tmp_path / "model"), "--src", "a girl reads", "--tgt", "a book",
+                 "--out", str(out), "--device", "cpu"])
+    assert code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([f"encoder_layer{i}.png" for i in (1, 2)]
+                           + [f"{k}_layer{i}.png" for k in ("decoder", "cross") for i in (1, 2, 3)])
+    for path in out.iterdir():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "translation: a book" in printed and str(out / "cross_layer3.png") in printed
+    # Without --out the pictures go into the model directory.
+    assert main(["attention", "--model", str(tmp_path / "model"), "--src", "a girl", "--device", "cpu"]) == 0
+    assert (tmp_path / "model" / "attention" / "encoder_layer1.png").exists()
