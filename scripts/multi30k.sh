@@ -39,3 +39,5 @@ for pair in $DIRECTIONS; do
   done
   transformer plot "$run"
 done
+
+python "$(dirname "$0")/multi30k_table.py" "$OUT"

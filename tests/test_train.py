@@ -1,6 +1,7 @@
 """Translation end to end through the command line: train, translate, evaluate, average, plot, resume, bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,19 @@ def test_translate_reads_stdin_and_writes_stdout(trained):
         input="A man is riding a horse.\nTwo dogs play in the snow.\n", capture_output=True, text=True, check=True,
     )
     assert len(result.stdout.splitlines()) == 2
+
+
+def test_translate_into_a_reader_that_leaves_early_exits_quietly(trained):
+    """`transformer translate ... | head -1`: no traceback when the pipe closes, exit status 141 as Unix tools."""
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before the first line is written
+    with os.fdopen(writer, "w") as stdout:
+        result = subprocess.run(
+            [sys.executable, "-m", "transformer", "translate", "--model", str(trained), "--beam", "1", "--no-progress"],
+            input="A man is riding a horse.\n" * 3, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120,
+        )
+    assert result.returncode == 141
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
 
 
 def test_average_of_checkpoints(trained, tmp_path):

@@ -1,6 +1,5 @@
 """Attention maps of one sentence (`transformer attention`), in the spirit of the paper's Figures 3-5."""
 
-
 import pytest
 import torch
 

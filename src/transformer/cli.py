@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -138,6 +139,7 @@ def _translate(args: argparse.Namespace) -> None:
         Path(args.output).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
+        sys.stdout.flush()  # a closed pipe shows here, inside main, not at exit
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -177,16 +179,18 @@ def _attention(args: argparse.Namespace) -> None:
     model, _, tokenizer, _ = _load(args)
     maps = attention_maps(model, tokenizer, args.src, args.tgt, SearchConfig(beam=args.beam, alpha=args.alpha))
     out = Path(args.out) if args.out else Path(args.model) / "attention"
-    print(f"translation: {maps.translation}")
     views = {  # kind: (file name, title, query tokens, key tokens)
         "encoder": ("encoder", "encoder self-attention", maps.src, maps.src),
         "decoder": ("decoder", "decoder self-attention (causal)", maps.tgt_out, maps.tgt_in),
         "cross": ("cross", "encoder-decoder attention", maps.tgt_out, maps.src),
     }
-    for kind, (name, title, queries, keys) in views.items():
-        for layer, w in enumerate(maps.weights[kind], start=1):
-            path = plot_attention(w, keys, queries, f"{title}, layer {layer}", out / f"{name}_layer{layer}.png")
-            print(path)
+    paths = [
+        plot_attention(w, keys, queries, f"{title}, layer {layer}", out / f"{name}_layer{layer}.png")
+        for kind, (name, title, queries, keys) in views.items()
+        for layer, w in enumerate(maps.weights[kind], start=1)
+    ]
+    print(f"translation: {maps.translation}")
+    print("\n".join(map(str, paths)))
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -488,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141
     return 0
 
 
