@@ -179,14 +179,14 @@ def _attention(args: argparse.Namespace) -> None:
     model, _, tokenizer, _ = _load(args)
     maps = attention_maps(model, tokenizer, args.src, args.tgt, SearchConfig(beam=args.beam, alpha=args.alpha))
     out = Path(args.out) if args.out else Path(args.model) / "attention"
-    views = {  # kind: (file name, title, query tokens, key tokens)
-        "encoder": ("encoder", "encoder self-attention", maps.src, maps.src),
-        "decoder": ("decoder", "decoder self-attention (causal)", maps.tgt_out, maps.tgt_in),
-        "cross": ("cross", "encoder-decoder attention", maps.tgt_out, maps.src),
+    views = {  # kind (and file name): (title, query tokens, key tokens)
+        "encoder": ("encoder self-attention", maps.src, maps.src),
+        "decoder": ("decoder self-attention (causal)", maps.tgt_out, maps.tgt_in),
+        "cross": ("encoder-decoder attention", maps.tgt_out, maps.src),
     }
     paths = [
-        plot_attention(w, keys, queries, f"{title}, layer {layer}", out / f"{name}_layer{layer}.png")
-        for kind, (name, title, queries, keys) in views.items()
+        plot_attention(w, keys, queries, f"{title}, layer {layer}", out / f"{kind}_layer{layer}.png")
+        for kind, (title, queries, keys) in views.items()
         for layer, w in enumerate(maps.weights[kind], start=1)
     ]
     print(f"translation: {maps.translation}")

@@ -31,12 +31,7 @@ def translate_lines(
     """
     device = next(model.parameters()).device
     ids = tokenizer.encode([line.strip() for line in lines])
-    limit = model.cfg.max_len - 1  # room for EOS
-    for i, sentence in enumerate(ids):
-        if len(sentence) > limit:
-            raise UserError(
-                f"{source_name}:{i + 1}: sentence has {len(sentence)} tokens, over the model's limit of {limit}"
-            )
+    _check_lengths(model, ids, source_name)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[list[int]] = [[] for _ in ids]
     with tqdm(total=len(ids), unit="sent", disable=not progress, leave=False) as bar:
@@ -47,6 +42,16 @@ def translate_lines(
                 out[i] = hyp
             bar.update(len(chunk))
     return tokenizer.decode(out)
+
+
+def _check_lengths(model: EncoderDecoder, ids: list[list[int]], source_name: str) -> None:
+    """`UserError` naming the line of the first source sentence too long for the model."""
+    limit = model.cfg.max_len - 1  # room for EOS
+    for i, sentence in enumerate(ids):
+        if len(sentence) > limit:
+            raise UserError(
+                f"{source_name}:{i + 1}: sentence has {len(sentence)} tokens, over the model's limit of {limit}"
+            )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,8 +95,7 @@ def attention_maps(
     src_ids = tokenizer.encode([source.strip()])[0]
     if not src_ids:
         raise UserError("the source sentence is empty")
-    if len(src_ids) > model.cfg.max_len - 1:
-        raise UserError(f"the source sentence has {len(src_ids)} tokens, over the model's limit of {model.cfg.max_len - 1}")
+    _check_lengths(model, [src_ids], "--src")
     src = collate_source([src_ids], model.cfg.pad_id, Tokenizer.EOS).to(device)  # (1, S)
     was_training = model.training
     model.eval()
