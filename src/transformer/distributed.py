@@ -18,13 +18,15 @@ import contextlib
 import datetime
 import os
 import sys
+import traceback
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
 
-_OWNED = False  # whether `setup` started the process group (and `teardown` ends it)
+_OWNED = False  # whether `setup` started the process group (and `finish` ends it)
+_FINISHED: list = []  # the last barrier of each finished job, kept until exit (see `finish`)
 
 
 @dataclass(frozen=True)
@@ -82,31 +84,72 @@ def setup(device: torch.device) -> Dist:
     return env_world()
 
 
-def teardown() -> None:
-    """Leave the process group if `setup` joined it."""
+def finish() -> None:
+    """End a job that went well: every rank passes a last barrier, then leaves the process group.
+
+    Why the barrier's work object is kept until the process exits. The process group is
+    freed when its last owner lets go (DistributedDataParallel's reducer or torch's group
+    registry); gloo's destructor then joins its worker threads while the caller holds the
+    GIL. A worker that is still dropping a finished collective needs the GIL to free the
+    Python-owned tensors it holds (all_gather_object's, the allreduces'): each thread waits
+    for the other, forever. That deadlock hung one CI run in four.
+
+    A gloo barrier keeps a reference to every collective still held by a worker when it is
+    issued, and releases them only when it is itself destroyed. Kept alive here, it
+    guarantees that no worker thread ever frees a Python tensor after this point: the
+    collectives are freed by the main thread, later, with the GIL.
+    """
     global _OWNED
-    if _OWNED and dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    work = dist.barrier(async_op=True)
+    work.wait()
+    _FINISHED.append(work)
+    if _OWNED:
         dist.destroy_process_group()
     _OWNED = False
+
+
+def abandon(world: Dist, error: BaseException) -> NoReturn:
+    """End this process of a job that failed: say why on stderr and exit now (1; 2 for a UserError; 130 on ^C).
+
+    The process group is not torn down: its worker threads may be blocked in a collective
+    with a peer that will never answer, and joining them would hang this process until the
+    timeout. Exiting at once lets torchrun see the failure and stop the other processes.
+    """
+    from .errors import UserError
+
+    if isinstance(error, UserError):
+        message, code = f"rank {world.rank}: error: {error}", 2
+    elif isinstance(error, KeyboardInterrupt):
+        message, code = f"rank {world.rank}: interrupted", 130
+    else:
+        message, code = f"rank {world.rank}: training failed: {type(error).__name__}: {error}; leaving the job", 1
+        traceback.print_exception(error, file=sys.stderr)
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 @contextlib.contextmanager
 def job(device: torch.device) -> Iterator[Dist]:
     """Join the job for the duration of a training run (see `setup`), and leave it at the end.
 
-    A rank that fails says so on stderr and leaves the process group at once, so that its
-    process exits non-zero and torchrun stops the others instead of leaving them waiting.
+    The end is deterministic: on success every rank waits for the others and leaves the
+    process group (`finish`); a rank that fails says so on stderr and exits at once
+    (`abandon`), so that torchrun stops the others instead of leaving them waiting.
+    Callers release their DistributedDataParallel wrapper before the block ends.
+    One process (no torchrun) only runs the block.
     """
     world = setup(device)
+    if not world.active:
+        yield world
+        return
     try:
         yield world
-    except BaseException as e:
-        if world.active:
-            print(f"rank {world.rank}: training failed: {type(e).__name__}: {e}; leaving the job",
-                  file=sys.stderr, flush=True)
-        raise
-    finally:
-        teardown()
+    except BaseException as e:  # noqa: B036 - every failure of a rank ends its process
+        abandon(world, e)
+    finish()
 
 
 def shard(step: int, update_freq: int, world_size: int, rank: int) -> list[int]:

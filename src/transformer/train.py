@@ -404,8 +404,8 @@ def fit(
     DistributedDataParallel: step s uses batches s·update_freq·W .. (s+1)·update_freq·W - 1,
     rank r those ≡ r (mod W) (`distributed.shard`), and the gradient is still the mean over
     all the step's predictions on all ranks. Rank 0 validates, logs and checkpoints; the
-    checkpoint holds every rank's RNG state. A rank that fails leaves the process group
-    and re-raises, so that its process exits non-zero and torchrun stops the others.
+    checkpoint holds every rank's RNG state. A rank that fails says why on stderr and its
+    process exits at once, non-zero, so that torchrun stops the others (`distributed.job`).
     """
     with distributed.job(next(model.parameters()).device) as world:
         out = Path(cfg.out)
@@ -560,8 +560,7 @@ def fit(
         bar.close()
         if last_validated != step or not checkpointed:
             checkpoint_and_validate()
-        if world.active:
-            dist.barrier()  # the others leave once rank 0 has written the last checkpoint
+        ddp = None  # DDP lets go of the process group before `job` ends it (the others wait there for rank 0)
         if world.main:
             say(f"done: step {step}, {elapsed / 60:.1f} min; best valid {best_metric} {best:.4f}; best model in {out}")
         return out
