@@ -1,10 +1,15 @@
 """The written-out and the fused attention paths agree, under every kind of mask."""
 
+import math
+
 import pytest
 import torch
 
-from transformer.attention import (
-    LayerCache,
+import transformer.model.attention as attention
+from transformer.config import preset
+from transformer.model.cache import LayerCache
+from transformer.model.models import build_model
+from transformer.model.attention import (
     MultiHeadAttention,
     padding_mask,
     scaled_dot_product_attention,
@@ -58,6 +63,50 @@ def test_fully_masked_row_gives_zeros_not_nan():
         assert out[1, :, 3].abs().sum() > 0
         if weights is not None:
             assert (weights[1, :, 2] == 0).all()
+
+
+def _sdpa_before_2_5(q, k, v, attn_mask=None, dropout_p=0.0):
+    """F.scaled_dot_product_attention as torch < 2.5 had it: NaN in a query row with every key masked."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def test_fully_masked_row_is_zero_whatever_the_fused_kernel(monkeypatch):
+    q, k, v = _qkv()
+    mask = _masks()["padding+local"]  # sentence 2 (one real token): queries 2.. see no key
+    expected, _ = scaled_dot_product_attention(q, k, v, mask, need_weights=True)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", _sdpa_before_2_5)
+    assert torch.isnan(_sdpa_before_2_5(q, k, v, mask)[2, :, 2:]).all()  # the stand-in does give NaN
+    out, _ = scaled_dot_product_attention(q, k, v, mask)
+    assert (out[2, :, 2:] == 0).all()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)  # and the right values elsewhere
+    assert out[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("old_kernel", [False, True])
+def test_windowed_padded_encoder_has_no_nan(monkeypatch, old_kernel):
+    """Restricted self-attention over a padded batch: padding queries far from real tokens see no key."""
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", vocab_size=50, attn_window=1)).eval()
+    src = torch.tensor([[5, 6, 7, 8, 9, 10, 3], [5, 3, 0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        reference, _ = model.encode(src)
+        if old_kernel:
+            monkeypatch.setattr(attention.F, "scaled_dot_product_attention", _sdpa_before_2_5)
+        memory, _ = model.encode(src)
+        x = torch.randn(2, 7, model.cfg.d_model)
+        mask = padding_mask(src, 0) & self_attention_mask(7, 7, causal=False, window=1)
+        assert not mask[1, 0, 4].any()  # such a query row exists
+        mha = next(m for m in model.modules() if isinstance(m, MultiHeadAttention))
+        fast, _ = mha(x, mask=mask)
+        slow, _ = mha(x, mask=mask, need_weights=True)
+    assert not torch.isnan(memory).any()
+    torch.testing.assert_close(memory, reference, atol=1e-5, rtol=0)
+    assert not torch.isnan(fast).any()
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast[1, 4], mha.out_proj.bias)  # a row with no key: W^O · 0 + bias
 
 
 def test_local_window_mask_shape_and_content():

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from transformer import checkpoint
-from transformer.checkpoint import (
+from transformer.training import checkpoint
+from transformer.training.checkpoint import (
     average_checkpoints,
     checkpoint_dir,
     list_checkpoints,
@@ -27,8 +27,8 @@ from transformer.checkpoint import (
 )
 from transformer.config import preset
 from transformer.errors import UserError
-from transformer.models import build_model
-from transformer.tokenizer import Tokenizer
+from transformer.model.models import build_model
+from transformer.text.tokenizer import Tokenizer
 
 CFG = preset("tiny", vocab_size=64, n_encoder_layers=1, n_decoder_layers=1)
 
@@ -233,9 +233,9 @@ def test_crash_while_pruning(tmp_path: Path, tok_bytes: bytes) -> None:
 _SAVE_FOREVER = """
 import sys
 import torch
-from transformer.checkpoint import checkpoint_dir, prune_checkpoints, save_model_dir
+from transformer.training.checkpoint import checkpoint_dir, prune_checkpoints, save_model_dir
 from transformer.config import preset
-from transformer.models import build_model
+from transformer.model.models import build_model
 
 run, cfg = sys.argv[1], preset("tiny")
 tok = open(sys.argv[2], "rb").read()

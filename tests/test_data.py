@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from transformer.data import (
+from transformer.text.data import (
     Pair,
     TokenBatchSampler,
     collate,

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from transformer.config import ModelConfig, preset
-from transformer.data import collate_source
-from transformer.decode import SearchConfig, beam_search, greedy_search, sample, translate_batch
-from transformer.models import build_model
+from transformer.text.data import collate_source
+from transformer.inference.sampling import sample
+from transformer.inference.search import SearchConfig, beam_search, greedy_search, translate_batch
+from transformer.model.models import build_model
 
 PAD, BOS, EOS = 0, 2, 3
 VOCAB = 30
@@ -348,7 +349,7 @@ def test_min_len_forbids_eos_until_then(beam):
 
 
 def test_cache_is_preallocated_once():
-    from transformer.attention import KVCache
+    from transformer.model.cache import KVCache
 
     cache = KVCache(2)
     cache.reserve(7)
@@ -371,7 +372,7 @@ def test_cache_is_preallocated_once():
 
 
 def test_reorder_beams_leaves_cross_attention_alone():
-    from transformer.attention import KVCache
+    from transformer.model.cache import KVCache
 
     cache = KVCache(1)
     cache.self_attn[0].append(torch.arange(4.0).view(4, 1, 1, 1), torch.zeros(4, 1, 1, 1))
@@ -392,7 +393,7 @@ def _tied_model():
 
 @pytest.mark.parametrize("make", [_model, _tied_model])
 def test_int8_quantized_model_translates_like_fp32(make):
-    from transformer.decode import DecodingModel
+    from transformer.inference.runtime import DecodingModel
 
     model, src = make(), collate_source(_sources())
     quantized = DecodingModel(model, quantize="int8")
@@ -419,7 +420,7 @@ def test_int8_quantized_model_translates_like_fp32(make):
 
 
 def test_bf16_model_gives_valid_translations():
-    from transformer.decode import DecodingModel
+    from transformer.inference.runtime import DecodingModel
 
     model, sources = _model(), _sources()
     bf16 = DecodingModel(model, precision="bf16")
@@ -438,7 +439,7 @@ def test_bf16_model_gives_valid_translations():
 @pytest.mark.parametrize("fail_after_running", [False, True])
 def test_compile_failure_falls_back_to_eager(monkeypatch, fail_after_running):
     """If torch.compile fails (even after part of a step ran), warn once and decode eagerly, unchanged."""
-    from transformer.decode import DecodingModel
+    from transformer.inference.runtime import DecodingModel
 
     def broken_compile(fn, **kwargs):
         def compiled(*args):
@@ -463,8 +464,10 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, fail_after_running):
 
 
 def test_cli_decoding_options(monkeypatch, capsys):
-    from transformer import cli
-    from transformer.decode import DecodingModel
+    from transformer.cli import flags, parse
+    from transformer.cli import translation as cli
+    from transformer.inference import translate as tr
+    from transformer.inference.runtime import DecodingModel
 
     class Tok:
         def encode(self, lines):
@@ -474,17 +477,13 @@ def test_cli_decoding_options(monkeypatch, capsys):
             return [" ".join(map(str, x)) for x in ids]
 
     model, seen = _model(), []
-    monkeypatch.setattr(cli, "_load", lambda args: (model, model.cfg, Tok(), {}))
-    import transformer.translate as tr
-
+    monkeypatch.setattr(flags, "load", lambda args: (model, model.cfg, Tok(), {}))
     original = tr.translate_lines
     monkeypatch.setattr(tr, "translate_lines", lambda m, *a, **k: seen.append(m) or original(m, *a, **k))
-    args = cli.build_parser().parse_args(
-        ["translate", "--model", "x", "--quantize", "int8", "--beam", "2", "--min-len", "3", "--no-progress"]
-    )
+    args = parse(["translate", "--model", "x", "--quantize", "int8", "--beam", "2", "--min-len", "3", "--no-progress"])
     hyps = cli._translate_text(args, ["a b c", "d e"], "stdin")
     assert isinstance(seen[-1], DecodingModel) and seen[-1].quantize == "int8"
     assert all(len(h.split()) >= 3 for h in hyps)
-    args = cli.build_parser().parse_args(["translate", "--model", "x", "--no-progress"])
+    args = parse(["translate", "--model", "x", "--no-progress"])
     cli._translate_text(args, ["a b c"], "stdin")
-    assert seen[-1] is model  # no option: the model as it is
+    assert seen[-1] is model  # no option, and --precision auto on a CPU: the model as it is

@@ -20,11 +20,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from transformer.checkpoint import list_checkpoints, load_model_dir
+from transformer.training.checkpoint import list_checkpoints, load_model_dir
 from transformer.corpora import multi30k_dir
-from transformer.data import TokenBatchSampler
-from transformer.distributed import shard
-from transformer.train import EpochBatches
+from transformer.text.data import TokenBatchSampler
+from transformer.training.distributed import shard
+from transformer.tasks.translation import EpochBatches
 
 WORLD = 2
 DEADLINE_S = 240  # a 2-process test still running after this has hung: it fails, with the ranks' stacks
@@ -132,7 +132,7 @@ def test_shards_cover_every_batch_and_sentence_once(update_freq):
 
 def _toy():
     from transformer.config import preset
-    from transformer.tokenizer import Tokenizer
+    from transformer.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.train(["a man rides a horse", "two dogs play in the snow"] * 20, 30, model_type="char")
     cfg = preset("tiny", vocab_size=tokenizer.vocab_size, dropout=0.0)
@@ -152,17 +152,18 @@ def _toy_loss(model, batch):
 
 
 def _toy_fit(out: Path, update_freq: int, batch_for_step) -> None:
-    from transformer.models import build_model
-    from transformer.train import LoopConfig, fit
+    from transformer.model.models import build_model
+    from transformer.training.loop import LoopConfig, Objective, fit
 
     tokenizer, cfg, _, _ = _toy()
     torch.manual_seed(0)
     model = build_model(cfg)
     # Plain SGD: Adam would turn rounding noise on zero-gradient parameters into full-size steps.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    loop = LoopConfig(out=out, max_steps=2, update_freq=update_freq, clip_norm=None, progress=False, valid_every=100)
-    fit(loop, model, cfg, tokenizer, batch_for_step, _toy_loss, lambda m: {"loss": 0.0}, "loss", False,
-        say=lambda _: None, optim=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)))
+    loop = LoopConfig(out=out, max_steps=2, update_freq=update_freq, progress=False, valid_every=100)
+    objective = Objective(batch_for_step, _toy_loss, lambda m: {"loss": 0.0}, "loss", False)
+    fit(loop, model, cfg, tokenizer, objective, say=lambda _: None,
+        optimizer=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)))
 
 
 def _quarters_worker(rank: int, port: int, out: str) -> None:
@@ -181,7 +182,7 @@ def test_two_processes_make_the_step_of_one_process_on_the_whole_batch(tmp_path)
     one, *_ = load_model_dir(list_checkpoints(tmp_path / "one")[-1])
     two, *_ = load_model_dir(list_checkpoints(tmp_path / "two")[-1])
     torch.manual_seed(0)
-    from transformer.models import build_model
+    from transformer.model.models import build_model
 
     initial = build_model(_toy()[1]).state_dict()
     name = "decoder.layers.0.ffn.w1.weight"
@@ -204,7 +205,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--vocab-size", "300", "--precision", "fp32",
+    return ["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--vocab-size", "400", "--precision", "fp32",
             "--max-tokens", "400", "--warmup", "10", "--lr-scale", "2", "--log-every", "1", "--valid-every", "4",
             "--valid-bleu-lines", "10", "--no-progress", "--seed", "3", *extra]
 
@@ -262,8 +263,8 @@ def test_a_failing_rank_stops_the_job(tmp_path, capfd):
 def _finishing_worker(rank: int, port: int, ports: list[int]) -> None:
     """The end of a distributed run as `fit` had it when it hung, once per port of `ports`, in one process:
     all_gather_object, a barrier, the end of `job`, and only then DDP freed (as `fit`'s frame was)."""
-    from transformer import distributed
-    from transformer.models import build_model
+    from transformer.training import distributed
+    from transformer.model.models import build_model
 
     _join(rank, port)
     for round_port in ports:  # a fresh rendezvous each round

@@ -4,9 +4,9 @@ import pytest
 import sacrebleu
 
 from transformer.corpora import multi30k_dir
-from transformer.data import read_lines
+from transformer.text.data import read_lines
 from transformer.errors import UserError
-from transformer.evaluate import score, score_files
+from transformer.report.metrics import score, score_files
 
 HYPS = ["The cat sat on the mat.", "A dog runs in the park.", "Two men are playing chess."]
 REFS = ["The cat is sitting on the mat.", "A dog is running in a park.", "Two men play chess."]

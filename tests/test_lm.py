@@ -6,11 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer.checkpoint import list_checkpoints, load_model_dir
+from transformer.training.checkpoint import list_checkpoints, load_model_dir
 from transformer.cli import main
 from transformer.corpora import tinyshakespeare_path
-from transformer.lm import encode_text, generate, generate_ids, train_tokenizer
-from transformer.train import LoopConfig, lr_factor
+from transformer.tasks.lm import encode_text, generate, generate_ids, train_tokenizer
 
 SHAKESPEARE = tinyshakespeare_path()
 
@@ -52,16 +51,6 @@ def test_tokenizer_round_trips_text_with_newlines(vocab):
 def test_tiny_shakespeare_char_vocabulary_has_65_characters():
     text = SHAKESPEARE.read_text(encoding="utf-8")
     assert train_tokenizer(text, "char").vocab_size == 65 + 4
-
-
-def test_learning_rate_schedules():
-    cfg = LoopConfig(out=Path("x"), lr=1e-3, warmup=10, max_steps=110)
-    assert lr_factor(5, cfg) == pytest.approx(0.5)
-    assert lr_factor(10, cfg) == pytest.approx(1.0)
-    assert lr_factor(60, cfg) == pytest.approx(0.55)  # half way down the cosine to lr / 10
-    assert lr_factor(110, cfg) == pytest.approx(0.1) and lr_factor(500, cfg) == pytest.approx(0.1)
-    assert lr_factor(40, LoopConfig(out=Path("x"), warmup=10, schedule="inverse-sqrt")) == pytest.approx(0.5)
-    assert lr_factor(40, LoopConfig(out=Path("x"), warmup=10, schedule="constant")) == 1.0
 
 
 @pytest.fixture(scope="module")

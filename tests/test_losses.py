@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from transformer.losses import label_smoothed_cross_entropy
+from transformer.training.losses import label_smoothed_cross_entropy
 
 PAD = 0
 

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer.checkpoint import load_model_dir
+from transformer.training.checkpoint import load_model_dir
 from transformer.cli import main
 from transformer.config import preset
 from transformer.corpora import multi30k_dir
-from transformer.mlm import CLS, FIRST_REGULAR, IGNORE, MASK, SEP, chosen_logits, mask_tokens, mlm_loss
-from transformer.models import build_model
+from transformer.tasks.mlm import CLS, FIRST_REGULAR, IGNORE, MASK, SEP, chosen_logits, mask_tokens, mlm_loss
+from transformer.model.models import build_model
 
 
 def _sample_tokens(n_rows: int = 400, length: int = 500, vocab: int = 1000) -> torch.Tensor:
@@ -116,7 +116,7 @@ def test_mlm_train_fill_and_resume(data, tmp_path, capsys):
     model, cfg, tokenizer, meta = load_model_dir(out)
     assert cfg.arch == "encoder" and [tokenizer.piece_to_id(s) for s in ("[MASK]", "[CLS]", "[SEP]")] == [4, 5, 6]
     capsys.readouterr()
-    assert main(["mlm", "fill", "--model", str(out), "a man [MASK] a horse .", "--top-k", "3"]) == 0
+    assert main(["mlm", "fill", "--model", str(out), "a man [MASK] a horse .", "--n-best", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith("[MASK] 1: ")
     probs = [float(w) for w in lines[0].split()[3::2]]

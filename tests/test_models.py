@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transformer.config import preset
-from transformer.models import DecoderOnly, EncoderDecoder, EncoderOnly, build_model
+from transformer.model.models import DecoderOnly, EncoderDecoder, EncoderOnly, build_model
 
 PAD = 0
 

@@ -6,7 +6,7 @@ import pytest
 
 from transformer.cli import main
 from transformer.config import preset
-from transformer.models import build_model, count_parameters
+from transformer.model.models import build_model, count_parameters
 
 
 def _expected_encoder_decoder(v, d, d_ff, n_enc, n_dec):

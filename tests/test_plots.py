@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from transformer.errors import UserError
-from transformer.plots import (
+from transformer.report.plots import (
     attention_figure,
     plot_attention,
     plot_training,

@@ -4,7 +4,7 @@ import pytest
 
 from transformer.corpora import multi30k_dir
 from transformer.errors import UserError
-from transformer.tokenizer import Tokenizer
+from transformer.text.tokenizer import Tokenizer
 
 DATA = multi30k_dir()  # the vendored copy: tests need nothing outside the repository
 

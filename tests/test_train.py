@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer.checkpoint import list_checkpoints, load_model_dir
+from transformer.training.checkpoint import list_checkpoints, load_model_dir
 from transformer.cli import main
 from transformer.corpora import multi30k_dir
 
@@ -30,7 +30,7 @@ def data(tmp_path_factory) -> Path:
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "train", "--data", str(data), "--src", "en", "--tgt", "de", "--out", str(out),
+        "train", "--data", str(data), "--src-lang", "en", "--tgt-lang", "de", "--out", str(out),
         "--preset", "tiny", "--vocab-size", "400", "--max-tokens", "600", "--warmup", "10",
         "--lr-scale", "2", "--log-every", "1", "--valid-every", "4", "--no-progress", "--seed", "3", *extra,
     ]
@@ -76,8 +76,8 @@ def test_translate_and_evaluate(trained, data, tmp_path, capsys):
     scores = json.loads(capsys.readouterr().out)
     assert 0 <= scores["bleu"] <= 100 and 0 <= scores["chrf"] <= 100
     assert "nrefs:1" in scores["signature"]["bleu"]
-    # evaluate --model --src translates first and gives the same score for the same search.
-    assert main(["evaluate", "--model", str(trained), "--src", str(data / "valid.en"),
+    # evaluate --model --input translates first and gives the same score for the same search.
+    assert main(["evaluate", "--model", str(trained), "--input", str(data / "valid.en"),
                  "--ref", str(data / "valid.de"), "--beam", "2", "--json", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["bleu"] == scores["bleu"]
 
@@ -158,7 +158,7 @@ def test_bad_input_errors(data, tmp_path, capsys):
 
     def train_args(src: Path, tgt: Path, *extra: str) -> list[str]:
         return ["train", "--train-src", str(src), "--train-tgt", str(tgt), *good, "--out", str(tmp_path / "x"),
-                "--preset", "tiny", "--vocab-size", "100", "--no-progress", "--max-steps", "1", *extra]
+                "--preset", "tiny", "--vocab-size", "500", "--no-progress", "--max-steps", "1", *extra]
 
     en, de = data / "train.en", data / "train.de"
     err = _error(train_args(tmp_path / "missing.en", de), capsys)
@@ -206,20 +206,35 @@ def test_cli_error_exit_code_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr and "nope" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["params", "train", "translate", "evaluate", "average", "plot", "quickstart"])
+COMMANDS = ["params", "average", "plot", "translation train", "translation translate", "translation evaluate",
+            "translation attention", "translation quickstart", "lm train", "lm sample", "mlm train", "mlm fill"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
+        main([*command.split(), "--help"])
     assert exit_info.value.code == 0
     assert "usage: transformer " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("verb", ["train", "translate", "evaluate", "attention", "quickstart"])
+def test_translation_is_the_default_task(verb, capsys):
+    """`transformer VERB` is `transformer translation VERB`: the same parser, the same help."""
+    with pytest.raises(SystemExit):
+        main(["translation", verb, "--help"])
+    full = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    assert capsys.readouterr().out == full
 
 
 def test_gradient_accumulation_equals_one_large_batch(tmp_path):
     """update_freq=2 over two halves of a batch gives the parameters of one step on the whole batch."""
     from transformer.config import preset
-    from transformer.models import build_model
-    from transformer.tokenizer import Tokenizer
-    from transformer.train import LoopConfig, fit
+    from transformer.model.models import build_model
+    from transformer.text.tokenizer import Tokenizer
+    from transformer.training.loop import LoopConfig, Objective, fit
 
     tokenizer = Tokenizer.train(["a man rides a horse", "two dogs play in the snow"] * 20, 30, model_type="char")
     cfg = preset("tiny", vocab_size=tokenizer.vocab_size, dropout=0.0)
@@ -242,9 +257,10 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
         # Plain SGD: Adam would turn rounding noise on zero-gradient parameters into full-size steps.
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         loop = LoopConfig(out=tmp_path / f"uf{update_freq}", max_steps=1, update_freq=update_freq,
-                          clip_norm=None, progress=False, valid_every=100)
-        fit(loop, model, cfg, tokenizer, batch_for_step, loss_fn, lambda m: {"loss": 0.0}, "loss", False,
-            say=lambda _: None, optim=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)))
+                          progress=False, valid_every=100)
+        objective = Objective(batch_for_step, loss_fn, lambda m: {"loss": 0.0}, "loss", False)
+        fit(loop, model, cfg, tokenizer, objective, say=lambda _: None,
+            optimizer=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)))
         results.append(model.state_dict())
     torch.manual_seed(0)
     initial = build_model(cfg).state_dict()  # the same initial weights both runs started from
@@ -254,7 +270,7 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
 
 
 def test_auto_precision_is_bf16_only_on_a_gpu_with_native_bf16(monkeypatch):
-    from transformer import train as train_module
+    from transformer.training import precision as train_module
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(train_module, "native_bf16", lambda device: True)

@@ -3,14 +3,15 @@
 import pytest
 import torch
 
-from transformer.checkpoint import save_model_dir
+from transformer.training.checkpoint import save_model_dir
 from transformer.cli import main
 from transformer.config import preset
-from transformer.decode import SearchConfig
+from transformer.inference.search import SearchConfig
 from transformer.errors import UserError
-from transformer.models import build_model
-from transformer.tokenizer import Tokenizer
-from transformer.translate import attention_maps, translate_lines
+from transformer.model.models import build_model
+from transformer.text.tokenizer import Tokenizer
+from transformer.inference.translate import translate_lines
+from transformer.report.attention_maps import attention_maps
 
 SENTENCES = ["a man rides a horse", "two dogs play in the snow", "a girl reads a book", "the men walk home"] * 10
 
@@ -69,7 +70,7 @@ def test_empty_source_is_a_user_error(model, tokenizer):
 def test_cli_writes_a_heatmap_per_layer_and_kind(model, tokenizer, tmp_path, capsys):
     save_model_dir(tmp_path / "model", model, model.cfg, tokenizer.to_bytes())
     out = tmp_path / "maps"
-    code = main(["attention", "--model", str(tmp_path / "model"), "--src", "a girl reads", "--tgt", "a book",
+    code = main(["attention", "--model", str(tmp_path / "model"), "--sentence", "a girl reads", "--target", "a book",
                  "--out", str(out), "--device", "cpu"])
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
@@ -80,5 +81,5 @@ def test_cli_writes_a_heatmap_per_layer_and_kind(model, tokenizer, tmp_path, cap
     printed = capsys.readouterr().out
     assert "translation: a book" in printed and str(out / "cross_layer3.png") in printed
     # Without --out the pictures go into the model directory.
-    assert main(["attention", "--model", str(tmp_path / "model"), "--src", "a girl", "--device", "cpu"]) == 0
+    assert main(["attention", "--model", str(tmp_path / "model"), "--sentence", "a girl", "--device", "cpu"]) == 0
     assert (tmp_path / "model" / "attention" / "encoder_layer1.png").exists()

@@ -36,7 +36,9 @@ class ModelConfig:
     tie_embeddings: bool = True  # share source, target embedding and output projection
     attn_window: int | None = None  # restricted self-attention radius r (Table 1); None = full
     layer_norm_eps: float = 1e-5  # not given in the paper; PyTorch's default
-    pad_id: int = 0
+    pad_id: int = 0  # the special ids of every tokenizer here (text.tokenizer.Tokenizer)
+    bos_id: int = 2
+    eos_id: int = 3
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

@@ -117,7 +117,7 @@ def abandon(world: Dist, error: BaseException) -> NoReturn:
     with a peer that will never answer, and joining them would hang this process until the
     timeout. Exiting at once lets torchrun see the failure and stop the other processes.
     """
-    from .errors import UserError
+    from transformer.errors import UserError
 
     if isinstance(error, UserError):
         message, code = f"rank {world.rank}: error: {error}", 2

@@ -14,11 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KVCache, padding_mask, self_attention_mask
-from .config import ModelConfig
-from .layers import DecoderLayer, EncoderLayer, PositionalEncoding
+from transformer.config import ModelConfig
+from transformer.model.attention import padding_mask, self_attention_mask
+from transformer.model.cache import KVCache
+from transformer.model.layers import DecoderLayer, EncoderLayer, PositionalEncoding
 
 AttnWeights = dict[str, list[Tensor]]
+
+
+def project(h: Tensor, tokens: nn.Embedding, out_proj: nn.Linear | None, bias: Tensor | None = None) -> Tensor:
+    """(..., d_model) -> logits (..., vocab): with the token embedding matrix when tied (section 3.4),
+    else with the untied projection `out_proj`."""
+    return F.linear(h, out_proj.weight if out_proj is not None else tokens.weight, bias)
 
 
 class Embedding(nn.Module):
@@ -128,7 +135,7 @@ class EncoderDecoder(nn.Module):
 
     def project(self, h: Tensor) -> Tensor:
         """(B, T, d_model) -> logits (B, T, vocab)"""
-        return self.out_proj(h) if self.out_proj is not None else F.linear(h, self.tgt_embed.tokens.weight)
+        return project(h, self.tgt_embed.tokens, self.out_proj)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.n_decoder_layers)
@@ -158,7 +165,7 @@ class DecoderOnly(nn.Module):
         """tokens (B, T) continuing `cache` -> logits (B, T, vocab)"""
         offset = cache.length if cache is not None else 0
         h = self.decoder(self.embed(tokens, offset), cache=cache, attn_weights=attn_weights)
-        return self.out_proj(h) if self.out_proj is not None else F.linear(h, self.embed.tokens.weight)
+        return project(h, self.embed.tokens, self.out_proj)
 
 
 class EncoderOnly(nn.Module):
@@ -179,11 +186,17 @@ class EncoderOnly(nn.Module):
         self.out_proj = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
+    def hidden(self, tokens: Tensor, attn_weights: AttnWeights | None = None) -> Tensor:
+        """tokens (B, T) -> the encoder's output (B, T, d_model)"""
+        return self.encoder(self.embed(tokens), padding_mask(tokens, self.cfg.pad_id), attn_weights)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """The MLM head and vocabulary projection of hidden states (..., d_model) -> (..., vocab)"""
+        return project(self.head(h), self.embed.tokens, self.out_proj, self.out_bias)
+
     def forward(self, tokens: Tensor, attn_weights: AttnWeights | None = None) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab)"""
-        h = self.head(self.encoder(self.embed(tokens), padding_mask(tokens, self.cfg.pad_id), attn_weights))
-        weight = self.out_proj.weight if self.out_proj is not None else self.embed.tokens.weight
-        return F.linear(h, weight, self.out_bias)
+        return self.logits(self.hidden(tokens, attn_weights))
 
 
 def init_weights(model: nn.Module) -> None:

@@ -12,8 +12,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .attention import LayerCache, MultiHeadAttention
-from .config import ModelConfig
+from transformer.config import ModelConfig
+from transformer.model.attention import MultiHeadAttention
+from transformer.model.cache import LayerCache
 
 
 def sinusoid_table(max_len: int, d_model: int) -> Tensor:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer.model.cache import LayerCache
+
 
 def scaled_dot_product_attention(
     q: Tensor,
@@ -34,17 +36,23 @@ def scaled_dot_product_attention(
 
     Without `need_weights` this calls the fused kernel
     (`F.scaled_dot_product_attention`); with it, the written-out formula below.
-    The two paths are tested against each other.
+    The two paths are tested against each other. Both zero a query row whose keys
+    are all masked here, whatever the kernel: before torch 2.5 the fused kernel
+    returns NaN there, and a softmax over all -inf is NaN.
     """
+    # the mask's shape with T_k -> 1: False where a query row may attend to no key
+    has_key = None if mask is None else mask.any(dim=-1, keepdim=True)
     if not need_weights:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        if has_key is not None:
+            out = out.masked_fill(~has_key, 0.0)  # (B, H, T_q, D)
         return out, None
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T_q, T_k)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
-    if mask is not None:  # a row with every key masked is all NaN after softmax: make it 0
-        weights = weights.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    if has_key is not None:
+        weights = weights.masked_fill(~has_key, 0.0)
     out = F.dropout(weights, p=dropout_p) @ v  # (B, H, T_q, D)
     return out, weights
 
@@ -73,98 +81,6 @@ def self_attention_mask(
     if window is not None:
         mask &= (i - j).abs() <= window
     return mask
-
-
-class LayerCache:
-    """Keys and values of one attention layer, kept across decoding steps.
-
-    Self-attention appends each step's keys/values into preallocated storage: `reserve`
-    sets its capacity once (the search knows the longest output it allows), and past
-    that it grows by doubling (so a step costs no full copy). Cross-attention stores
-    the keys/values of the encoder output once.
-    """
-
-    def __init__(self) -> None:
-        self.k: Tensor | None = None  # (B, H, capacity, D)
-        self.v: Tensor | None = None
-        self.length = 0
-        self.reserved = 0  # capacity of the first allocation, when known
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add (B, H, T, D) keys/values; return all so far, (B, H, length, D)."""
-        t = k.size(2)
-        if self.k is None or self.length + t > self.k.size(2):
-            need = self.length + t
-            capacity = self.reserved if self.reserved >= need else max(2 * need, 16)
-            new_k = k.new_empty(k.size(0), k.size(1), capacity, k.size(3))
-            new_v = v.new_empty(new_k.shape)
-            if self.k is not None:
-                new_k[:, :, : self.length] = self.k[:, :, : self.length]
-                new_v[:, :, : self.length] = self.v[:, :, : self.length]
-            self.k, self.v = new_k, new_v
-        self.k[:, :, self.length : self.length + t] = k
-        self.v[:, :, self.length : self.length + t] = v
-        self.length += t
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
-
-    def set(self, k: Tensor, v: Tensor) -> None:
-        """Store computed-once keys/values (cross-attention)."""
-        self.k, self.v, self.length = k, v, k.size(2)
-
-    def select(self, index: Tensor) -> None:
-        """Keep batch rows `index` (B',): reorders beams and drops finished sentences."""
-        if self.k is not None:
-            self.k = self.k.index_select(0, index)
-            self.v = self.v.index_select(0, index)
-
-
-class KVCache:
-    """The explicit decoding cache: one self- and one cross-attention entry per layer.
-
-    Created empty by the caller, passed to `decode`/`forward`, filled by the
-    attention modules. `length` is the number of target positions decoded so far.
-    """
-
-    def __init__(self, n_layers: int) -> None:
-        self.self_attn = [LayerCache() for _ in range(n_layers)]
-        self.cross_attn = [LayerCache() for _ in range(n_layers)]
-
-    @property
-    def length(self) -> int:
-        return self.self_attn[0].length if self.self_attn else 0
-
-    def reserve(self, positions: int) -> None:
-        """Preallocate self-attention storage for `positions` target positions (before the first step)."""
-        for entry in self.self_attn:
-            entry.reserved = positions
-
-    def select(self, index: Tensor) -> None:
-        """Keep batch rows `index` in every layer (beam reordering, dropping finished rows)."""
-        for entry in self.self_attn + self.cross_attn:
-            entry.select(index)
-
-    def reorder_beams(self, index: Tensor) -> None:
-        """Keep batch rows `index` of the self-attention entries only.
-
-        For beam reordering, where each row of `index` comes from the same sentence as
-        the row it replaces: the cross-attention keys/values, the same for every beam of
-        a sentence, need no copy.
-        """
-        for entry in self.self_attn:
-            entry.select(index)
-
-    def state(self) -> tuple:
-        """A mark to `rewind` to (undoes a decoding step that failed part-way)."""
-        return tuple(e.length for e in self.self_attn), tuple(e.k is None for e in self.cross_attn)
-
-    def rewind(self, state: tuple) -> None:
-        lengths, empty = state
-        for entry, n in zip(self.self_attn, lengths):
-            entry.length = n
-        for entry, was_empty in zip(self.cross_attn, empty):
-            if was_empty:
-                entry.k = entry.v = None
-                entry.length = 0
 
 
 class MultiHeadAttention(nn.Module):

@@ -17,29 +17,29 @@ newline a token of its own, so that decode(encode(text)) == text.
 - "bpe": sentencepiece BPE with `vocab_size` pieces; pieces never cross a newline.
 
 The model is `DecoderOnly` (ModelConfig arch "decoder") with max_len = block_size.
-Sampling continues a prompt with `decode.sample` (KV cache). Longer than the block, it
+Sampling continues a prompt with `inference.sampling.sample` (KV cache). Longer than the block, it
 slides: each further call keeps the last block_size / 2 tokens as context.
 """
 
 from __future__ import annotations
 
-import io
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from .data import read_text as read_file
-from .config import ModelConfig
-from .decode import sample
-from .errors import UserError
-from .models import DecoderOnly, build_model
-from .tokenizer import Tokenizer
-from .train import LoopConfig, fit, open_run
-from .translate import resolve_device
+from transformer.config import ModelConfig
+from transformer.errors import UserError
+from transformer.inference.sampling import sample
+from transformer.model.models import DecoderOnly, build_model
+from transformer.text.data import read_text as read_file
+from transformer.text.tokenizer import Tokenizer
+from transformer.training import distributed
+from transformer.training.loop import LoopConfig, Objective, check_resume, fit, open_run
+from transformer.training.precision import resolve_device
 
 NEWLINE = "\n"
 
@@ -54,6 +54,12 @@ class LMConfig:
     block_size: int = 64
     batch_size: int = 12
     eval_batches: int = 50
+
+    def to_dict(self) -> dict:
+        """JSON-ready, without `loop` (the loop records itself)."""
+        return {"text": str(self.text), "vocab": self.vocab, "vocab_size": self.vocab_size,
+                "valid_fraction": self.valid_fraction, "block_size": self.block_size,
+                "batch_size": self.batch_size, "eval_batches": self.eval_batches}
 
 
 def read_text(path: Path) -> str:
@@ -73,22 +79,7 @@ def train_tokenizer(text: str, vocab: str, vocab_size: int = 1000) -> Tokenizer:
     chunks = [NEWLINE.join(lines[i : i + 20]) + NEWLINE for i in range(0, len(lines), 20)]
     if vocab == "char":
         vocab_size = len(set(text) | {NEWLINE}) + 4
-    model = io.BytesIO()
-    spm.set_random_generator_seed(0)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(chunks), model_writer=model, vocab_size=vocab_size, model_type=vocab,
-            character_coverage=1.0, user_defined_symbols=[NEWLINE],
-            pad_id=Tokenizer.PAD, unk_id=Tokenizer.UNK, bos_id=Tokenizer.BOS, eos_id=Tokenizer.EOS,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-            max_sentence_length=1 << 20, input_sentence_size=2_000_000, shuffle_input_sentence=True,
-            num_threads=8, minloglevel=2,
-        )
-    except RuntimeError as e:
-        from .tokenizer import _training_problem
-
-        raise UserError(_training_problem(str(e), vocab_size)) from None
-    return Tokenizer.from_bytes(model.getvalue())
+    return Tokenizer.train(chunks, vocab_size, model_type=vocab, user_symbols=[NEWLINE], verbatim=True)
 
 
 def encode_text(tokenizer: Tokenizer, text: str) -> torch.Tensor:
@@ -123,41 +114,47 @@ def lm_loss(model: DecoderOnly, batch: tuple[torch.Tensor, torch.Tensor]) -> tup
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"), y.numel()
 
 
+def _model_config(model_cfg: ModelConfig, vocab_size: int, block: int) -> ModelConfig:
+    """The decoder-only shape an LM run trains: the flags' model with this vocabulary and block."""
+    return model_cfg.replace(arch="decoder", vocab_size=vocab_size, pad_id=Tokenizer.PAD, max_len=block,
+                             n_encoder_layers=0)
+
+
 def train_lm(cfg: LMConfig, model_cfg: ModelConfig, say: Callable[[str], None] = print) -> Path:
     """Train (or resume) a GPT-style model on cfg.text; returns the run directory."""
-    loop = cfg.loop
-    device = resolve_device(loop.device)
-    text = read_text(cfg.text)
-    train_text, valid_text = split_text(text, cfg.valid_fraction)
+    distributed.bind_cuda_device()  # under torchrun: "cuda" is cuda:LOCAL_RANK
+    loop, device = cfg.loop, resolve_device(cfg.loop.device)
+    train_text, valid_text = split_text(read_text(cfg.text), cfg.valid_fraction)
     resumed = open_run(loop, say)
     if resumed is not None:
-        model, model_cfg, tokenizer, state = resumed
-        block = model_cfg.max_len
+        model, stored_cfg, tokenizer, state, recorded = resumed
+        block = stored_cfg.max_len
     else:
-        state = None
+        state, recorded, block = None, None, cfg.block_size
         tokenizer = train_tokenizer(train_text, cfg.vocab, cfg.vocab_size)
         say(f"{cfg.vocab} vocabulary of {tokenizer.vocab_size} tokens (4 special)")
-        block = cfg.block_size
-        model_cfg = model_cfg.replace(
-            arch="decoder", vocab_size=tokenizer.vocab_size, pad_id=Tokenizer.PAD, max_len=block,
-            n_encoder_layers=0,
-        )
+        stored_cfg = _model_config(model_cfg, tokenizer.vocab_size, block)
         torch.manual_seed(loop.seed)
-        model = build_model(model_cfg).to(device)
+        model = build_model(stored_cfg).to(device)
     if not isinstance(model, DecoderOnly):
-        raise UserError(f"lm training needs a decoder-only model, not arch {model_cfg.arch!r}")
+        raise UserError(f"lm training needs a decoder-only model, not arch {stored_cfg.arch!r}")
+    loop = dataclasses.replace(loop, optim=loop.optim.resolve(stored_cfg.d_model, loop.max_steps))
+    meta = {"lm": cfg.to_dict()}
+    if recorded is not None:
+        wanted = _model_config(model_cfg, stored_cfg.vocab_size, cfg.block_size)
+        check_resume(loop.out, {"model": stored_cfg.to_dict(), **recorded},
+                     {"model": wanted.to_dict(), "loop": loop.to_dict(), **meta}, say)
     train_data, valid_data = encode_text(tokenizer, train_text), encode_text(tokenizer, valid_text)
     for name, data in (("training", train_data), ("validation", valid_data)):
         if len(data) <= block + 1:
             raise UserError(f"{cfg.text}: the {name} part has {len(data)} tokens, fewer than block size {block} + 2")
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"model: {n_params:,} parameters; data: {len(train_data):,} training, {len(valid_data):,} validation tokens")
-
+    say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"data: {len(train_data):,} training, {len(valid_data):,} validation tokens")
     valid_batches = [
         windows(valid_data, block, cfg.batch_size, step_generator(loop.seed + 7919, i)) for i in range(cfg.eval_batches)
     ]
 
-    def batch_for_step(step: int):
+    def batch(step: int):
         x, y = windows(train_data, block, cfg.batch_size, step_generator(loop.seed, step))
         return x.to(device), y.to(device)
 
@@ -168,9 +165,8 @@ def train_lm(cfg: LMConfig, model_cfg: ModelConfig, say: Callable[[str], None] =
             total, n = total + loss.item(), n + count
         return {"loss": total / n}
 
-    meta = {"lm": {"vocab": cfg.vocab, "block_size": block, "batch_size": cfg.batch_size, "text": str(cfg.text),
-                   "valid_fraction": cfg.valid_fraction, "eval_batches": cfg.eval_batches}}
-    return fit(loop, model, model_cfg, tokenizer, batch_for_step, lm_loss, validate, "loss", False, state, meta, say)
+    objective = Objective(batch=batch, loss=lm_loss, validate=validate, best_metric="loss", higher_is_better=False)
+    return fit(loop, model, stored_cfg, tokenizer, objective, state, meta, say)
 
 
 def generate(

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from transformer.errors import UserError
-from transformer.tokenizer import Tokenizer
+from transformer.text.tokenizer import Tokenizer
 
 
 def read_text(path: str | Path) -> str:
@@ -172,7 +172,7 @@ class TokenBatchSampler:
         return batches
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> Tensor:
+def pad(seqs: list[list[int]], pad_id: int = Tokenizer.PAD) -> Tensor:
     """(B, L) long tensor of `seqs`, right-padded with `pad_id` to the longest."""
     out = torch.full((len(seqs), max(map(len, seqs), default=0)), pad_id, dtype=torch.long)
     for row, seq in enumerate(seqs):
@@ -195,8 +195,8 @@ def collate(
     """
     return (
         collate_source(src, pad_id, eos_id),
-        _pad([[bos_id] + y for y in tgt], pad_id),
-        _pad([y + [eos_id] for y in tgt], pad_id),
+        pad([[bos_id] + y for y in tgt], pad_id),
+        pad([y + [eos_id] for y in tgt], pad_id),
     )
 
 
@@ -204,4 +204,4 @@ def collate_source(
     src: list[list[int]], pad_id: int = Tokenizer.PAD, eos_id: int = Tokenizer.EOS
 ) -> Tensor:
     """``src_tokens`` (B, S) = x + [EOS], right-padded with `pad_id`, for translation."""
-    return _pad([x + [eos_id] for x in src], pad_id)
+    return pad([x + [eos_id] for x in src], pad_id)

@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from transformer.data import read_lines
+from transformer.text.data import read_lines
 from transformer.errors import UserError
 
 

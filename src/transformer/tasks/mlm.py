@@ -20,6 +20,7 @@ training data, at the same positions.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import padding_mask
-from .config import ModelConfig
-from .data import read_lines
-from .errors import UserError
-from .models import EncoderOnly, build_model
-from .tokenizer import Tokenizer
-from .train import LoopConfig, fit, open_run
-from .translate import resolve_device
+from transformer.config import ModelConfig
+from transformer.errors import UserError
+from transformer.model.models import EncoderOnly, build_model
+from transformer.text.data import pad, read_lines
+from transformer.text.tokenizer import Tokenizer
+from transformer.training import distributed
+from transformer.training.loop import LoopConfig, Objective, check_resume, fit, open_run
+from transformer.training.precision import resolve_device
 
 SYMBOLS = ("[MASK]", "[CLS]", "[SEP]")
 MASK, CLS, SEP = 4, 5, 6
@@ -53,6 +54,12 @@ class MLMConfig:
     batch_size: int = 128  # sentences per step
     max_len: int = 128  # longest sequence, [CLS] and [SEP] included; longer sentences are cut
     mask_prob: float = 0.15
+
+    def to_dict(self) -> dict:
+        """JSON-ready, without `loop` (the loop records itself)."""
+        return {"text": str(self.text), "valid": None if self.valid is None else str(self.valid),
+                "vocab_size": self.vocab_size, "batch_size": self.batch_size, "max_len": self.max_len,
+                "mask_prob": self.mask_prob}
 
 
 def mask_tokens(
@@ -81,11 +88,8 @@ def chosen_logits(model: EncoderOnly, inputs: Tensor, labels: Tensor) -> tuple[T
     Equal to ``model(inputs)[labels != IGNORE]``, but the head and the vocabulary projection
     run only at the chosen positions (15% of them), which saves much of a training step.
     """
-    h = model.encoder(model.embed(inputs), padding_mask(inputs, model.cfg.pad_id))
     chosen = labels != IGNORE
-    h = model.head(h[chosen])
-    weight = model.out_proj.weight if model.out_proj is not None else model.embed.tokens.weight
-    return F.linear(h, weight, model.out_bias), labels[chosen]
+    return model.logits(model.hidden(inputs)[chosen]), labels[chosen]
 
 
 def train_tokenizer(lines: list[str], vocab_size: int) -> Tokenizer:
@@ -98,13 +102,6 @@ def encode_sentences(tokenizer: Tokenizer, lines: list[str], max_len: int) -> li
     return [[CLS, *ids[: max_len - 2], SEP] for ids in tokenizer.encode(lines)]
 
 
-def pad(seqs: list[list[int]]) -> Tensor:
-    out = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s)
-    return out
-
-
 def _read(path: Path) -> list[str]:
     lines = [line for line in read_lines(path) if line]
     if not lines:
@@ -112,61 +109,76 @@ def _read(path: Path) -> list[str]:
     return lines
 
 
-def train_mlm(cfg: MLMConfig, model_cfg: ModelConfig, say: Callable[[str], None] = print) -> Path:
-    """Train (or resume) a BERT-style masked LM on the sentences of cfg.text; returns the run directory."""
-    loop = cfg.loop
-    device = resolve_device(loop.device)
+def _model_config(model_cfg: ModelConfig, vocab_size: int, max_len: int) -> ModelConfig:
+    """The encoder-only shape an MLM run trains: the flags' model with this vocabulary and length."""
+    return model_cfg.replace(arch="encoder", vocab_size=vocab_size, pad_id=Tokenizer.PAD, max_len=max_len,
+                             n_decoder_layers=0)
+
+
+def _split(cfg: MLMConfig) -> tuple[list[str], list[str]]:
+    """Training and validation sentences: --valid, or the last 5% of the training lines."""
     lines = _read(cfg.text)
     if cfg.valid is not None:
-        valid_lines = _read(cfg.valid)
-    else:
-        n_valid = max(1, len(lines) // 20)
-        if len(lines) < 2:
-            raise UserError(f"{cfg.text}: too few lines to hold out validation sentences; give --valid")
-        lines, valid_lines = lines[:-n_valid], lines[-n_valid:]
+        return lines, _read(cfg.valid)
+    if len(lines) < 2:
+        raise UserError(f"{cfg.text}: too few lines to hold out validation sentences; give --valid")
+    n_valid = max(1, len(lines) // 20)
+    return lines[:-n_valid], lines[-n_valid:]
+
+
+def train_mlm(cfg: MLMConfig, model_cfg: ModelConfig, say: Callable[[str], None] = print) -> Path:
+    """Train (or resume) a BERT-style masked LM on the sentences of cfg.text; returns the run directory."""
+    distributed.bind_cuda_device()  # under torchrun: "cuda" is cuda:LOCAL_RANK
+    loop, device = cfg.loop, resolve_device(cfg.loop.device)
+    lines, valid_lines = _split(cfg)
     resumed = open_run(loop, say)
     if resumed is not None:
-        model, model_cfg, tokenizer, state = resumed
+        model, stored_cfg, tokenizer, state, recorded = resumed
     else:
-        state = None
+        state, recorded = None, None
         tokenizer = train_tokenizer(lines, cfg.vocab_size)
         say(f"BPE vocabulary of {tokenizer.vocab_size} tokens on {len(lines)} sentences")
-        model_cfg = model_cfg.replace(
-            arch="encoder", vocab_size=tokenizer.vocab_size, pad_id=Tokenizer.PAD, max_len=cfg.max_len,
-            n_decoder_layers=0,
-        )
+        stored_cfg = _model_config(model_cfg, tokenizer.vocab_size, cfg.max_len)
         torch.manual_seed(loop.seed)
-        model = build_model(model_cfg).to(device)
+        model = build_model(stored_cfg).to(device)
     if not isinstance(model, EncoderOnly):
-        raise UserError(f"mlm training needs an encoder-only model, not arch {model_cfg.arch!r}")
-    vocab = model_cfg.vocab_size
-    train_seqs = encode_sentences(tokenizer, lines, model_cfg.max_len)
-    valid_seqs = encode_sentences(tokenizer, valid_lines, model_cfg.max_len)
-    counts = Counter(i for s in train_seqs for i in s if i >= FIRST_REGULAR)
-    frequent = counts.most_common(1)[0][0]
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"model: {n_params:,} parameters; {len(train_seqs)} training, {len(valid_seqs)} validation sentences; "
-        f"most frequent token {tokenizer.id_to_piece(frequent)!r}")
+        raise UserError(f"mlm training needs an encoder-only model, not arch {stored_cfg.arch!r}")
+    loop = dataclasses.replace(loop, optim=loop.optim.resolve(stored_cfg.d_model, loop.max_steps))
+    meta = {"mlm": cfg.to_dict()}
+    if recorded is not None:
+        wanted = _model_config(model_cfg, stored_cfg.vocab_size, cfg.max_len)
+        check_resume(loop.out, {"model": stored_cfg.to_dict(), **recorded},
+                     {"model": wanted.to_dict(), "loop": loop.to_dict(), **meta}, say)
+    train_seqs = encode_sentences(tokenizer, lines, stored_cfg.max_len)
+    valid_seqs = encode_sentences(tokenizer, valid_lines, stored_cfg.max_len)
+    frequent = Counter(i for s in train_seqs for i in s if i >= FIRST_REGULAR).most_common(1)[0][0]
+    say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; {len(train_seqs)} training, "
+        f"{len(valid_seqs)} validation sentences; most frequent token {tokenizer.id_to_piece(frequent)!r}")
+    meta["mlm"]["most_frequent_token"] = frequent
+    objective = _objective(cfg, train_seqs, valid_seqs, stored_cfg.vocab_size, frequent, device)
+    return fit(loop, model, stored_cfg, tokenizer, objective, state, meta, say)
 
+
+def _objective(cfg: MLMConfig, train_seqs: list[list[int]], valid_seqs: list[list[int]], vocab: int, frequent: int,
+               device: torch.device) -> Objective:
+    """Batches of masked sentences, the loss at the chosen positions, and validation accuracy."""
+    seed = cfg.loop.seed
     per_epoch = max(len(train_seqs) // cfg.batch_size, 1)
-    batch = min(cfg.batch_size, len(train_seqs))
+    size = min(cfg.batch_size, len(train_seqs))
 
-    def batch_for_step(step: int):
+    def batch(step: int):
         epoch, b = divmod(step, per_epoch)
-        order = torch.randperm(len(train_seqs), generator=torch.Generator().manual_seed(loop.seed * 1_000_003 + epoch))
-        tokens = pad([train_seqs[i] for i in order[b * batch : (b + 1) * batch].tolist()])
-        generator = torch.Generator().manual_seed(loop.seed * 7_000_003 + step)
-        inputs, labels = mask_tokens(tokens, vocab, generator, cfg.mask_prob)
+        order = torch.randperm(len(train_seqs), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        tokens = pad([train_seqs[i] for i in order[b * size : (b + 1) * size].tolist()])
+        inputs, labels = mask_tokens(tokens, vocab, torch.Generator().manual_seed(seed * 7_000_003 + step), cfg.mask_prob)
         return inputs.to(device), labels.to(device)
 
-    generator = torch.Generator().manual_seed(loop.seed + 7919)
-    valid_batches = []
-    for i in range(0, len(valid_seqs), 256):
-        valid_batches.append(mask_tokens(pad(valid_seqs[i : i + 256]), vocab, generator, cfg.mask_prob))
+    generator = torch.Generator().manual_seed(seed + 7919)
+    valid_batches = [mask_tokens(pad(valid_seqs[i : i + 256]), vocab, generator, cfg.mask_prob)
+                     for i in range(0, len(valid_seqs), 256)]
 
-    def loss_fn(model: EncoderOnly, batch) -> tuple[Tensor, int]:
-        logits, labels = chosen_logits(model, *batch)
-        return mlm_loss(logits, labels)
+    def loss(model: EncoderOnly, batch) -> tuple[Tensor, int]:
+        return mlm_loss(*chosen_logits(model, *batch))
 
     def validate(model: EncoderOnly) -> dict[str, float]:
         loss = correct = baseline = n = 0
@@ -179,9 +191,7 @@ def train_mlm(cfg: MLMConfig, model_cfg: ModelConfig, say: Callable[[str], None]
         n = max(n, 1)
         return {"loss": loss / n, "accuracy": correct / n, "baseline_accuracy": baseline / n, "masked": n}
 
-    meta = {"mlm": {"text": str(cfg.text), "valid": str(cfg.valid), "batch_size": cfg.batch_size,
-                    "mask_prob": cfg.mask_prob, "most_frequent_token": frequent}}
-    return fit(loop, model, model_cfg, tokenizer, batch_for_step, loss_fn, validate, "accuracy", True, state, meta, say)
+    return Objective(batch=batch, loss=loss, validate=validate, best_metric="accuracy", higher_is_better=True)
 
 
 def fill(model: EncoderOnly, tokenizer: Tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:

@@ -61,12 +61,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from .config import ModelConfig
-from .errors import UserError
-from .models import build_model
+from transformer.config import ModelConfig
+from transformer.errors import UserError
+from transformer.model.models import build_model
 
 if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+    from transformer.text.tokenizer import Tokenizer
 
 CONFIG, TOKENIZER, WEIGHTS, TRAIN_STATE = "config.json", "tokenizer.model", "model.safetensors", "train_state.pt"
 _FILES = (CONFIG, TOKENIZER, WEIGHTS, TRAIN_STATE)
@@ -266,7 +266,7 @@ def load_model_dir(
 
     Raises `UserError` naming the path when a piece is missing, corrupt or does not fit.
     """
-    from .tokenizer import Tokenizer
+    from transformer.text.tokenizer import Tokenizer
 
     path = Path(path)
     cfg, meta = _read_config(path)

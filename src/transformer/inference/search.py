@@ -1,4 +1,4 @@
-"""Search for translation (greedy, beam) and sampling from language models.
+"""Search for translation: greedy and beam search, batched, with the KV cache.
 
 Greedy and beam search decode a whole batch of sentences together and use the model's
 KV cache: the source is encoded once, then each step feeds one token per row (the
@@ -24,31 +24,21 @@ Choices the paper leaves open (it gives beam 4, alpha 0.6, max length input + 50
   set to -inf), as Hugging Face's `min_new_tokens` and CTranslate2's `min_decoding_length`;
   the maximum length still wins.
 
-`DecodingModel` prepares a model for fast decoding: bf16 weights, int8 dynamic quantization
-of the linear layers (the tied output projection included) for CPU inference, and
-`torch.compile` with a fallback to eager execution.
-
 The searches rely only on the small `Seq2Seq` interface below, which `EncoderDecoder`
 has. Put the model in eval mode first.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .config import ModelConfig
-from .models import DecoderOnly
-from .tokenizer import Tokenizer
-
-BOS, EOS = Tokenizer.BOS, Tokenizer.EOS
+from transformer.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -87,7 +77,7 @@ class Cache(Protocol):
 class Seq2Seq(Protocol):
     """What the searches use of a model (`EncoderDecoder` has it)."""
 
-    cfg: ModelConfig  # only pad_id and max_len are read
+    cfg: ModelConfig  # only pad_id, bos_id, eos_id and max_len are read
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """src (B, S) -> memory (B, S, d), memory_mask (B, 1, 1, S)."""
@@ -112,31 +102,32 @@ def max_lengths(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> Tensor:
     return (cfg.max_len_a * n + cfg.max_len_b).floor().long().clamp(1, model.cfg.max_len)
 
 
-def _strip_eos(tokens: list[int]) -> list[int]:
-    return tokens[:-1] if tokens and tokens[-1] == EOS else tokens
+def _strip_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[:-1] if tokens and tokens[-1] == eos else tokens
 
 
 @torch.no_grad()
 def greedy_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[int]]:
     """src (B, S) right-padded source ids -> B translations (token ids without BOS/EOS)."""
+    bos, eos = model.cfg.bos_id, model.cfg.eos_id
     memory, memory_mask = model.encode(src)  # (B, S, d), (B, 1, 1, S)
     limits = max_lengths(model, src, cfg)  # (B,)
     longest = int(limits.max())
     ids = torch.arange(src.size(0), device=src.device)  # the sentence of each live row
-    tokens = src.new_full((src.size(0), longest + 1), BOS)  # (B, 1 + L): BOS, then the output
+    tokens = src.new_full((src.size(0), longest + 1), bos)  # (B, 1 + L): BOS, then the output
     cache = model.new_cache()
     _reserve(cache, longest)
     out: list[list[int]] = [[] for _ in range(src.size(0))]
     for t in range(1, longest + 1):
         logits = model.project(model.decode(tokens[:, t - 1 : t], memory, memory_mask, cache))[:, -1]  # (B, V)
         if t <= cfg.min_len:
-            logits[:, EOS] = -math.inf
+            logits[:, eos] = -math.inf
         word = logits.argmax(dim=-1)  # (B,)
         tokens[:, t] = word
-        done = (word == EOS) | (limits == t)  # (B,)
+        done = (word == eos) | (limits == t)  # (B,)
         if done.any():
             for i, seq in zip(ids[done].tolist(), tokens[done, 1 : t + 1].tolist()):
-                out[i] = _strip_eos(seq)
+                out[i] = _strip_eos(seq, eos)
             keep = (~done).nonzero().squeeze(1)  # (B',)
             if not len(keep):
                 break
@@ -161,6 +152,7 @@ def beam_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[Hyp
     K = cfg.beam beams per sentence are the B·K rows of the decoder batch (sentence-major).
     """
     k, b, device = cfg.beam, src.size(0), src.device
+    bos, eos = model.cfg.bos_id, model.cfg.eos_id
     memory, memory_mask = model.encode(src)
     memory = memory.repeat_interleave(k, dim=0)  # (B·K, S, d)
     memory_mask = memory_mask.repeat_interleave(k, dim=0)  # (B·K, 1, 1, S)
@@ -169,7 +161,7 @@ def beam_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[Hyp
     scores = torch.full((b, k), -math.inf, device=device)  # (B, K) log-probs of the live beams
     scores[:, 0] = 0.0  # at first only beam 0 is live, so the first K extensions are distinct
     n_finished = torch.zeros(b, dtype=torch.long, device=device)  # (B,)
-    tokens = src.new_full((b * k, 1), BOS)  # (B·K, 1 + t)
+    tokens = src.new_full((b * k, 1), bos)  # (B·K, 1 + t)
     rank = torch.arange(2 * k, device=device)  # (2K,)
     beam_offsets = torch.arange(k, device=device)  # (K,)
     cache = model.new_cache()
@@ -187,12 +179,12 @@ def beam_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[Hyp
         vocab = logits.size(-1)
         log_probs = F.log_softmax(logits.float(), dim=-1)  # (N·K, V)
         if step <= cfg.min_len:
-            log_probs[:, EOS] = -math.inf
+            log_probs[:, eos] = -math.inf
         candidates = scores.view(-1, 1) + log_probs  # (N·K, V)
         top, index = candidates.view(n, k * vocab).topk(2 * k, dim=1)  # (N, 2K)
         rows = index // vocab + (torch.arange(n, device=device) * k)[:, None]  # (N, 2K) beam row extended
         words = index % vocab  # (N, 2K)
-        is_eos = words == EOS
+        is_eos = words == eos
         ended = is_eos & (rank < k)  # (N, 2K) new finished hypotheses
         go_on = is_eos.int().argsort(dim=1, stable=True)[:, :k]  # (N, K) the best K not ending with EOS
         scores = top.gather(1, go_on)  # (N, K)
@@ -225,180 +217,3 @@ def translate_batch(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list
     if cfg.beam == 1:
         return greedy_search(model, src, cfg)
     return [hyps[0].tokens for hyps in beam_search(model, src, cfg)]
-
-
-def _int8_linear(linear: nn.Linear) -> nn.Module:
-    """An nn.Linear as a dynamically quantized int8 linear layer (CPU)."""
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated in favour of torchao
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)[0]
-
-
-def _quantize_int8(model: nn.Module) -> None:
-    """Replace, in place, every nn.Linear that is called as a module by its int8 version.
-
-    Cross-attention's input projection is left in fp32: `MultiHeadAttention` slices its
-    weight (queries from the target, keys/values from the memory), which a quantized
-    layer does not expose. Its keys/values are computed once per source anyway.
-    """
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            if child_name == "in_proj" and name.endswith("cross_attn"):
-                continue
-            setattr(module, child_name, _int8_linear(child))
-
-
-class DecodingModel(nn.Module):
-    """A translation model (`EncoderDecoder`) prepared for fast decoding; the searches take it as the model.
-
-    precision "bf16" casts a copy of the weights to bfloat16 (fast only on CPUs and GPUs
-    with native bf16). quantize "int8" makes a copy whose linear layers, and the tied
-    output projection (an `F.linear` with the embedding matrix, so not an nn.Linear), are
-    int8 with dynamic activation quantization (`torch.ao.quantization`), CPU only.
-    compile wraps encode/decode/project in `torch.compile`; if compiling or running a
-    compiled function fails, it warns once and runs eagerly from then on.
-    """
-
-    def __init__(
-        self, model: nn.Module, precision: str = "fp32", quantize: str | None = None, compile: bool = False
-    ) -> None:
-        super().__init__()
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
-        if quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
-        if quantize is not None and precision != "fp32":
-            raise ValueError("int8 quantization starts from fp32 weights; use precision='fp32'")
-        device = next(model.parameters()).device
-        if quantize is not None and device.type != "cpu":
-            raise ValueError(f"int8 dynamic quantization runs on the CPU, the model is on {device}")
-        if precision != "fp32" or quantize is not None:
-            model = copy.deepcopy(model)
-        model.eval()
-        if precision == "bf16":
-            model.to(torch.bfloat16)
-        self.head: nn.Module | None = None  # the output projection when it is replaced
-        if quantize == "int8":
-            _quantize_int8(model)
-            if getattr(model, "out_proj", None) is None:  # tied: F.linear(h, embedding weight)
-                tied = nn.Linear(model.cfg.d_model, model.cfg.vocab_size, bias=False)
-                tied.weight = nn.Parameter(model.tgt_embed.tokens.weight.detach().clone())
-                self.head = _int8_linear(tied)
-        self.model = model
-        self.cfg = model.cfg
-        self.precision, self.quantize = precision, quantize
-        self._compiled: dict[str, object] = {}
-        if compile:
-            self._compiled = {
-                name: torch.compile(getattr(self, f"_{name}"), dynamic=True) for name in ("encode", "decode", "project")
-            }
-
-    @property
-    def compiled(self) -> bool:
-        """Whether the compiled functions are in use (False after a fallback)."""
-        return bool(self._compiled)
-
-    def _encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model.encode(src)
-
-    def _decode(self, tgt: Tensor, memory: Tensor, memory_mask: Tensor, cache) -> Tensor:
-        return self.model.decode(tgt, memory, memory_mask, cache)
-
-    def _project(self, h: Tensor) -> Tensor:
-        return self.head(h) if self.head is not None else self.model.project(h)
-
-    def _run(self, name: str, *args):
-        fn = self._compiled.get(name)
-        if fn is not None:
-            cache = args[-1] if name == "decode" else None
-            mark = cache.state() if hasattr(cache, "state") else None
-            try:
-                return fn(*args)
-            except Exception as e:  # any failure of dynamo/inductor: fall back for good
-                warnings.warn(
-                    f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                    "decoding without it",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self._compiled = {}
-                if cache is not None:
-                    if mark is None:
-                        raise
-                    cache.rewind(mark)  # undo what the failed step appended
-        return getattr(self, f"_{name}")(*args)
-
-    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        return self._run("encode", src)
-
-    def decode(self, tgt: Tensor, memory: Tensor, memory_mask: Tensor, cache) -> Tensor:
-        return self._run("decode", tgt, memory, memory_mask, cache)
-
-    def project(self, h: Tensor) -> Tensor:
-        return self._run("project", h)
-
-    def new_cache(self):
-        return self.model.new_cache()
-
-
-def _pick(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
-          generator: torch.Generator | None) -> Tensor:
-    """logits (B, V) -> next tokens (B,)."""
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p is not None:  # nucleus: the fewest most likely tokens whose mass reaches top_p
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # the tokens before already reach top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
-
-
-@torch.no_grad()
-def sample(
-    model: DecoderOnly,
-    prompt: Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-    eos_id: int | None = None,
-) -> Tensor:
-    """Continue prompt (B, T) (rows of equal length) -> (B, T + n), n <= max_new_tokens.
-
-    Temperature 0 or top_k 1 is greedy (argmax). The prompt goes through the model in
-    one call, then one token per step, with the KV cache. With `eos_id`, a row is
-    padded with cfg.pad_id after its EOS and sampling stops when every row has one.
-    Raises ValueError when T + max_new_tokens exceeds the model's max_len.
-    """
-    if prompt.size(1) + max_new_tokens > model.cfg.max_len:
-        raise ValueError(
-            f"prompt of {prompt.size(1)} tokens + max_new_tokens={max_new_tokens} "
-            f"exceeds the model's max_len={model.cfg.max_len}"
-        )
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(
-            f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
-        )
-    cache = model.new_cache()
-    tokens, new = prompt, prompt
-    ended = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)  # (B,)
-    for _ in range(max_new_tokens):
-        logits = model(new, cache)[:, -1]  # (B, V)
-        new = _pick(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
-        if eos_id is not None:
-            new = new.masked_fill(ended[:, None], model.cfg.pad_id)
-            ended |= new[:, 0] == eos_id
-        tokens = torch.cat([tokens, new], dim=1)
-        if ended.all():
-            break
-    return tokens

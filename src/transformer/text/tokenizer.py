@@ -39,15 +39,26 @@ class Tokenizer:
         model_type: str = "bpe",
         character_coverage: float = 1.0,
         user_symbols: Sequence[str] = (),
+        byte_fallback: bool = False,
+        verbatim: bool = False,
     ) -> "Tokenizer":
         """Train a model in memory on `sentences` (one sentence per item).
 
-        Deterministic for the same sentences and options. At most 2,000,000
-        sentences (a shuffled sample of a bigger corpus) are used. Raises
-        `UserError` when `vocab_size` does not suit the corpus.
+        `byte_fallback`: characters without a piece of their own are encoded as their UTF-8
+        bytes (256 pieces of the vocabulary), so that any text survives encode and decode
+        instead of turning into `<unk>`. `verbatim`: no Unicode normalisation, whitespace
+        kept as it is (no dummy prefix, runs of spaces kept) and items of up to 1 MiB, as a
+        language model needs (with "\\n" among `user_symbols`, decode(encode(text)) == text).
+        Deterministic for the same sentences and options. At most 2,000,000 sentences (a
+        shuffled sample of a bigger corpus) are used. Raises `UserError` when `vocab_size`
+        does not suit the corpus.
         """
         if model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, not {model_type!r}")
+        text_options = dict(
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            max_sentence_length=1 << 20,
+        ) if verbatim else {}
         model = io.BytesIO()
         spm.set_random_generator_seed(0)
         try:
@@ -58,6 +69,7 @@ class Tokenizer:
                 model_type=model_type,
                 character_coverage=character_coverage,
                 user_defined_symbols=list(user_symbols),
+                byte_fallback=byte_fallback,
                 pad_id=cls.PAD,
                 unk_id=cls.UNK,
                 bos_id=cls.BOS,
@@ -66,6 +78,7 @@ class Tokenizer:
                 shuffle_input_sentence=True,
                 num_threads=_TRAIN_THREADS,
                 minloglevel=2,
+                **text_options,
             )
         except RuntimeError as e:
             raise UserError(_training_problem(str(e), vocab_size)) from None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF
 
-from transformer.data import read_lines
+from transformer.text.data import read_lines
 from transformer.errors import UserError
 
 

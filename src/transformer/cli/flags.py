@@ -1,0 +1,154 @@
+"""Every flag of the command line, declared once, and the configs built from them.
+
+Each function adds one flag, or one group of flags that always go together, to a parser;
+a flag name means the same in every command that has it. Training commands get their
+defaults per task with `parser.set_defaults`, so that a `--config` file can override
+them the same way (see `transformer.cli.config_file`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from transformer.config import PRESETS, ModelConfig, preset
+from transformer.errors import UserError
+
+
+def device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
+
+
+def precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the precision the model computes in: auto = bf16 on a CUDA GPU with native bf16, "
+                        "else fp32 (bf16 on a CPU: ask for it; it is slow without native bf16)")
+
+
+def progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def model_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model directory (a run directory, or one of its checkpoints)")
+
+
+def required(args: argparse.Namespace, *names: str) -> None:
+    """`UserError` naming the first flag of `names` that neither the command line nor --config gave."""
+    for name in names:
+        if getattr(args, name) is None:
+            raise UserError(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
+
+
+def model(p: argparse.ArgumentParser) -> None:
+    """The model flags of every training command: a preset and overrides of its fields."""
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="small", help=f"one of: {', '.join(PRESETS)}")
+    g.add_argument("--d-model", type=int, help="override the preset's d_model")
+    g.add_argument("--n-heads", type=int, help="override the preset's number of heads")
+    g.add_argument("--d-ff", type=int, help="override the preset's FFN width")
+    g.add_argument("--layers", type=int, help="override the preset's depth (encoder and decoder)")
+    g.add_argument("--dropout", type=float, help="override the preset's dropout")
+    g.add_argument("--max-len", type=int, help="longest sequence in tokens")
+    g.add_argument("--attn-window", type=int, help="restricted self-attention radius r")
+    g.add_argument("--norm-first", action="store_true", help="pre-norm blocks instead of the paper's post-norm")
+    g.add_argument("--positions", choices=["sinusoidal", "learned"], help="override the preset's positions")
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The preset named by --preset with the model flags given applied."""
+    fields = ("d_model", "n_heads", "d_ff", "dropout", "max_len", "attn_window", "positions")
+    overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    if args.layers is not None:
+        overrides |= {"n_encoder_layers": args.layers, "n_decoder_layers": args.layers}
+    if args.norm_first:
+        overrides["norm_first"] = True
+    return preset(args.preset, **overrides)
+
+
+def loop(p: argparse.ArgumentParser) -> None:
+    """Where a training run goes, how long, how often it reports, and its optimiser."""
+    p.add_argument("--config", help="a TOML file of flags (name = value, names as the flags without --); "
+                                    "flags on the command line override it")
+    p.add_argument("--out", help="run directory (the best model is written at its top)")
+    g = p.add_argument_group("optimisation (Adam or AdamW, linear warm-up, then a schedule)")
+    g.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    g.add_argument("--max-minutes", type=float, help="stop after this much wall-clock time (whole run)")
+    g.add_argument("--update-freq", type=int, default=1, help="batches accumulated per optimiser step")
+    g.add_argument("--lr", type=float, help="peak learning rate (translation: default the paper's (d_model*warmup)^-0.5)")
+    g.add_argument("--lr-scale", type=float, default=1.0, help="multiplies the peak learning rate")
+    g.add_argument("--schedule", choices=["inverse-sqrt", "cosine", "constant"],
+                   help="after warm-up: the paper's inverse square root, cosine decay to --min-lr, or constant")
+    g.add_argument("--warmup", type=int, help="linear warm-up steps")
+    g.add_argument("--decay-steps", type=int, help="cosine: step where --min-lr is reached (default: --max-steps)")
+    g.add_argument("--min-lr", type=float, help="cosine: final learning rate (default: peak / 10)")
+    g.add_argument("--beta2", type=float, help="Adam beta2")
+    g.add_argument("--adam-eps", type=float, help="Adam epsilon")
+    g.add_argument("--weight-decay", type=float, help="decoupled weight decay of the matrices (0 = Adam)")
+    g.add_argument("--clip-norm", type=float, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--seed", type=int, default=1, help="random seed")
+    precision(g)
+    r = p.add_argument_group("run")
+    r.add_argument("--valid-every", type=int, help="steps between validations and checkpoints")
+    r.add_argument("--keep-last", type=int, help="checkpoints kept")
+    r.add_argument("--log-every", type=int, default=50, help="steps between log records")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    device(r)
+    progress(r)
+
+
+def loop_config(args: argparse.Namespace):
+    from transformer.training.loop import LoopConfig
+    from transformer.training.optim import OptimConfig
+
+    required(args, "out")
+    optim = OptimConfig(
+        lr=args.lr, lr_scale=args.lr_scale, schedule=args.schedule, warmup=args.warmup, decay_steps=args.decay_steps,
+        min_lr=args.min_lr, beta2=args.beta2, eps=args.adam_eps, weight_decay=args.weight_decay,
+        clip_norm=args.clip_norm or None,
+    )
+    return LoopConfig(
+        out=Path(args.out), optim=optim, max_steps=args.max_steps, max_minutes=args.max_minutes,
+        update_freq=args.update_freq, seed=args.seed, precision=args.precision, device=args.device,
+        valid_every=args.valid_every, keep_last=args.keep_last, log_every=args.log_every, resume=args.resume,
+        progress=not args.no_progress,
+    )
+
+
+def search(p: argparse.ArgumentParser) -> None:
+    """Beam search and the decoding runtime (translate, evaluate)."""
+    g = p.add_argument_group("search")
+    beam(g)
+    g.add_argument("--max-len-a", type=float, default=1.0, help="max output length = a*|source| + b")
+    g.add_argument("--max-len-b", type=int, default=50, help="max output length = a*|source| + b")
+    g.add_argument("--min-len", type=int, default=0, help="no end of sentence before this many tokens")
+    g.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
+    g.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: dynamic int8 quantization of the linear layers (CPU; faster at large batches)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (slow start; falls back to eager if it fails)")
+    precision(g)
+
+
+def beam(p) -> None:
+    p.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy")
+    p.add_argument("--alpha", type=float, default=0.6, help="length penalty ((5+|Y|)/6)^alpha")
+
+
+def search_config(args: argparse.Namespace):
+    from transformer.inference.search import SearchConfig
+
+    try:
+        return SearchConfig(beam=args.beam, alpha=args.alpha, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
+                            min_len=args.min_len)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def load(args: argparse.Namespace):
+    """(model, model config, tokenizer, meta) of --model, on --device."""
+    from transformer.training.checkpoint import load_model_dir
+    from transformer.training.precision import resolve_device
+
+    required(args, "model")
+    return load_model_dir(Path(args.model), resolve_device(args.device))

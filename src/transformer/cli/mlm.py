@@ -1,0 +1,54 @@
+"""`transformer mlm VERB`: train a BERT-style masked language model on sentences, fill in [MASK]."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from transformer.cli import flags
+from transformer.cli.common import command, say
+from transformer.errors import UserError
+
+# BERT's optimiser (AdamW, weight decay 0.01 in BERT; 0.1 here as for the LM) with a cosine decay.
+TRAIN_DEFAULTS = dict(preset="small", lr=5e-4, schedule="cosine", warmup=200, beta2=0.98, adam_eps=1e-8,
+                      weight_decay=0.1, clip_norm=1.0, valid_every=250, keep_last=3)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from transformer.tasks.mlm import MLMConfig, train_mlm
+
+    flags.required(args, "text")
+    cfg = MLMConfig(
+        text=Path(args.text), loop=flags.loop_config(args), valid=Path(args.valid) if args.valid else None,
+        vocab_size=args.vocab_size, batch_size=args.batch_size, max_len=args.max_len or 128, mask_prob=args.mask_prob,
+    )
+    train_mlm(cfg, flags.model_config(args).replace(max_len=cfg.max_len), say=say)
+
+
+def _fill(args: argparse.Namespace) -> None:
+    from transformer.tasks.mlm import fill
+
+    model, cfg, tokenizer, _ = flags.load(args)
+    if cfg.arch != "encoder":
+        raise UserError(f"{args.model}: not a BERT-style encoder (arch {cfg.arch!r})")
+    for n, fillers in enumerate(fill(model, tokenizer, args.sentence, args.n_best), 1):
+        print(f"[MASK] {n}: " + "  ".join(f"{word or '∅'} {p:.3f}" for word, p in fillers))
+
+
+def register(sub) -> None:
+    p = command(sub, "train", _train, "Train a masked language model on a text file, one sentence per line.")
+    data = p.add_argument_group("data")
+    data.add_argument("--text", help="training sentences (UTF-8), one per line")
+    data.add_argument("--valid", help="validation sentences (default: the last 5%% of --text)")
+    data.add_argument("--vocab-size", type=int, default=8000, help="BPE vocabulary size")
+    data.add_argument("--batch-size", type=int, default=128, help="sequences (sentences) per batch")
+    data.add_argument("--mask-prob", type=float, default=0.15, help="share of the tokens chosen for prediction")
+    flags.model(p)
+    flags.loop(p)
+    p.set_defaults(**TRAIN_DEFAULTS)
+
+    p = command(sub, "fill", _fill, "Print the most likely fillers of each [MASK] in a sentence.")
+    flags.model_dir(p)
+    p.add_argument("sentence", help='a sentence with [MASK], e.g. "a man [MASK] a horse ."')
+    p.add_argument("--n-best", type=int, default=5, help="fillers printed per [MASK]")
+    flags.device(p)

@@ -1,0 +1,55 @@
+"""Commands for any model or run: params, average, plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from transformer.cli.common import command
+from transformer.config import PRESETS, preset
+
+
+def _params(args: argparse.Namespace) -> None:
+    from transformer.model.models import build_model, count_parameters
+
+    cfg = preset(args.preset, **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
+    counts = count_parameters(build_model(cfg))
+    if args.json:
+        print(json.dumps({"preset": args.preset, "vocab_size": cfg.vocab_size, **counts}, indent=2))
+        return
+    print(f"preset {args.preset}: arch {cfg.arch}, vocab {cfg.vocab_size}, d_model {cfg.d_model}, "
+          f"heads {cfg.n_heads}, d_ff {cfg.d_ff}, layers {cfg.n_encoder_layers}+{cfg.n_decoder_layers}, "
+          f"tied embeddings {cfg.tie_embeddings}")
+    for name, n in counts.items():
+        print(f"  {name:<22} {n:>14,}")
+
+
+def _average(args: argparse.Namespace) -> None:
+    from transformer.training.checkpoint import write_average
+
+    write_average([Path(p) for p in args.models], Path(args.out))
+    print(f"averaged {len(args.models)} checkpoints into {args.out}", file=sys.stderr)
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from transformer.report.plots import plot_training
+
+    for path in plot_training(Path(args.run), Path(args.out) if args.out else None):
+        print(path)
+
+
+def register(sub) -> None:
+    p = command(sub, "params", _params, "Print parameter counts per component and in total.")
+    p.add_argument("--preset", default="base", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default: the preset's)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+
+    p = command(sub, "average", _average, "Average the weights of checkpoints (the paper averages the last 5).")
+    p.add_argument("models", nargs="+", help="model or checkpoint directories")
+    p.add_argument("--out", required=True, help="model directory to write")
+
+    p = command(sub, "plot", _plot, "Write PNG training curves (loss, validation metrics, learning rate).")
+    p.add_argument("run", help="run directory holding log.jsonl")
+    p.add_argument("--out", help="PNG file to write (default: RUN/curves.png)")

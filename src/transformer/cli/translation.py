@@ -1,0 +1,215 @@
+"""`transformer translation VERB`: train, translate, evaluate, attention, quickstart.
+
+Translation is the default task: `transformer train ...` is `transformer translation train ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from transformer.cli import flags
+from transformer.cli.common import command, say
+from transformer.errors import UserError
+
+# The paper's recipe (section 5).
+TRAIN_DEFAULTS = dict(schedule="inverse-sqrt", warmup=4000, beta2=0.98, adam_eps=1e-9, weight_decay=0.0,
+                      valid_every=1000, keep_last=5)
+
+
+def _train_config(args: argparse.Namespace):
+    from transformer.tasks.translation import TranslationConfig
+
+    if args.data is not None:
+        data = Path(args.data)
+        paths = {
+            "train_src": data / f"train.{args.src_lang}", "train_tgt": data / f"train.{args.tgt_lang}",
+            "valid_src": data / f"valid.{args.src_lang}", "valid_tgt": data / f"valid.{args.tgt_lang}",
+        }
+    else:
+        paths = {k: getattr(args, k) for k in ("train_src", "train_tgt", "valid_src", "valid_tgt")}
+        missing = [f"--{k.replace('_', '-')}" for k, v in paths.items() if v is None]
+        if missing:
+            raise UserError(f"give --data DIR (with --src-lang/--tgt-lang), or all of {', '.join(missing)}")
+    return TranslationConfig(
+        **{k: Path(v) for k, v in paths.items()}, loop=flags.loop_config(args), vocab_size=args.vocab_size,
+        tokenizer_type=args.tokenizer, byte_fallback=args.byte_fallback, max_tokens=args.max_tokens,
+        max_epochs=args.max_epochs, label_smoothing=args.label_smoothing, valid_bleu_lines=args.valid_bleu_lines,
+    )
+
+
+def _train(args: argparse.Namespace) -> None:
+    from transformer.tasks.translation import train
+
+    train(_train_config(args), flags.model_config(args), say=say)
+
+
+def _read_input(path: str | None) -> tuple[list[str], str]:
+    from transformer.text.data import read_lines
+
+    if path is None or path == "-":
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"stdin: invalid UTF-8 at byte {e.start}") from None
+        lines = [line.rstrip("\r") for line in text.split("\n")]
+        return lines[:-1] if lines[-1] == "" else lines, "stdin"
+    return read_lines(path), path
+
+
+def _translate_text(args: argparse.Namespace, lines: list[str], name: str) -> list[str]:
+    from transformer.inference.runtime import DecodingModel
+    from transformer.inference.translate import translate_lines
+    from transformer.training.precision import resolve_precision
+
+    model, _, tokenizer, _ = flags.load(args)
+    precision, _ = resolve_precision(args.precision, next(model.parameters()).device)
+    if precision != "fp32" or args.quantize != "none" or args.compile:
+        try:
+            model = DecodingModel(model, precision=precision, quantize=None if args.quantize == "none" else args.quantize,
+                                  compile=args.compile)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    return translate_lines(model, tokenizer, lines, flags.search_config(args), args.batch_size,
+                           progress=not args.no_progress, source_name=name)
+
+
+def _translate(args: argparse.Namespace) -> None:
+    lines, name = _read_input(args.input)
+    text = "".join(h + "\n" for h in _translate_text(args, lines, name))
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()  # a closed pipe shows here, inside main, not at exit
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from transformer.report.metrics import score
+    from transformer.text.data import read_lines
+
+    flags.required(args, "ref")
+    refs = read_lines(args.ref)
+    if args.hyp is not None:
+        hyps = read_lines(args.hyp)
+    elif args.model is not None and args.input is not None:
+        hyps = _translate_text(args, read_lines(args.input), args.input)
+    else:
+        raise UserError("give --hyp FILE, or --model DIR with --input FILE")
+    scores = score(hyps, refs)
+    print(json.dumps(scores.to_json()) if args.json else scores)
+
+
+def _attention(args: argparse.Namespace) -> None:
+    from transformer.inference.search import SearchConfig
+    from transformer.report.attention_maps import attention_maps
+    from transformer.report.plots import plot_attention
+
+    flags.required(args, "sentence")
+    model, _, tokenizer, _ = flags.load(args)
+    maps = attention_maps(model, tokenizer, args.sentence, args.target, SearchConfig(beam=args.beam, alpha=args.alpha))
+    out = Path(args.out) if args.out else Path(args.model) / "attention"
+    views = {  # kind (and file name): (title, query tokens, key tokens)
+        "encoder": ("encoder self-attention", maps.src, maps.src),
+        "decoder": ("decoder self-attention (causal)", maps.tgt_out, maps.tgt_in),
+        "cross": ("encoder-decoder attention", maps.tgt_out, maps.src),
+    }
+    paths = [
+        plot_attention(w, keys, queries, f"{title}, layer {layer}", out / f"{kind}_layer{layer}.png")
+        for kind, (title, queries, keys) in views.items()
+        for layer, w in enumerate(maps.weights[kind], start=1)
+    ]
+    print(f"translation: {maps.translation}")
+    print("\n".join(map(str, paths)))
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    """Train a small en->de model on the bundled Multi30k, then score it on test2016."""
+    from transformer.config import preset
+    from transformer.corpora import multi30k_dir
+    from transformer.inference.search import SearchConfig
+    from transformer.inference.translate import translate_lines
+    from transformer.report.metrics import score
+    from transformer.tasks.translation import TranslationConfig, train
+    from transformer.text.data import read_lines
+    from transformer.training.checkpoint import load_model_dir
+    from transformer.training.loop import LoopConfig
+    from transformer.training.optim import OptimConfig
+    from transformer.training.precision import resolve_device
+
+    data = multi30k_dir()
+    loop = LoopConfig(out=Path(args.out), optim=OptimConfig(warmup=400, lr_scale=0.5), max_minutes=args.minutes,
+                      valid_every=250, keep_last=3, resume=args.resume, device=args.device)
+    cfg = TranslationConfig(
+        train_src=data / "train.en", train_tgt=data / "train.de", valid_src=data / "valid.en",
+        valid_tgt=data / "valid.de", loop=loop, vocab_size=8000, max_tokens=2048, valid_bleu_lines=300,
+    )
+    start = time.perf_counter()
+    run = train(cfg, preset("small"), say=say)
+    model, _, tokenizer, meta = load_model_dir(run, resolve_device(args.device))
+    src, ref = read_lines(data / "test2016.en"), read_lines(data / "test2016.de")
+    hyps = translate_lines(model, tokenizer, src, SearchConfig(beam=4, alpha=0.6), batch_size=64, progress=True)
+    print(f"Multi30k test2016 en->de, best checkpoint (step {meta['best']['step']}), beam 4:")
+    print(score(hyps, ref))
+    for s, h in list(zip(src, hyps))[:5]:
+        print(f"  EN: {s}\n  DE: {h}")
+    print(f"total time {(time.perf_counter() - start) / 60:.1f} min; model in {run}")
+
+
+def register(sub) -> None:
+    """The translation verbs, under `sub` (the subparsers of `transformer translation`)."""
+    p = command(sub, "train", _train, "Train a translation model on parallel text files.")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", help="folder with train.SRC, train.TGT, valid.SRC, valid.TGT")
+    data.add_argument("--src-lang", default="en", help="source language suffix of the files in --data")
+    data.add_argument("--tgt-lang", default="de", help="target language suffix of the files in --data")
+    for name in ("train-src", "train-tgt", "valid-src", "valid-tgt"):
+        data.add_argument(f"--{name}", help=f"{name.replace('-', ' ')} file (instead of --data)")
+    data.add_argument("--vocab-size", type=int, default=8000, help="joint vocabulary size")
+    data.add_argument("--tokenizer", default="bpe", choices=["bpe", "unigram"], help="sentencepiece model type")
+    data.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
+                      help="spell characters unseen in training as UTF-8 bytes instead of <unk> (256 vocabulary ids)")
+    data.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
+    data.add_argument("--max-epochs", type=int, help="stop after this many epochs")
+    data.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of label smoothing")
+    data.add_argument("--valid-bleu-lines", type=int, help="decode only the first N validation lines for BLEU")
+    flags.model(p)
+    flags.loop(p)
+    p.set_defaults(**TRAIN_DEFAULTS)
+
+    p = command(sub, "translate", _translate, "Translate sentences from stdin (or --input) to stdout (or --output).")
+    flags.model_dir(p)
+    p.add_argument("--input", help="source sentences, one per line (default: stdin)")
+    p.add_argument("--output", help="output file (default: stdout)")
+    flags.search(p)
+    flags.device(p)
+    flags.progress(p)
+
+    p = command(sub, "evaluate", _evaluate, "Score translations with sacreBLEU and chrF (and print the signatures).")
+    p.add_argument("--ref", help="reference translations, one per line")
+    p.add_argument("--hyp", help="hypotheses to score, one per line")
+    flags.model_dir(p)
+    p.add_argument("--input", help="source sentences to translate with --model, one per line")
+    p.add_argument("--json", action="store_true", help='print {"bleu", "chrf", "signature"} as JSON')
+    flags.search(p)
+    flags.device(p)
+    flags.progress(p)
+
+    p = command(sub, "attention", _attention,
+                "Draw PNG heatmaps of encoder, decoder and cross-attention, per layer and head, for one sentence.")
+    flags.model_dir(p)
+    p.add_argument("--sentence", help="the source sentence")
+    p.add_argument("--target", help="a target sentence to attend over (default: the model's translation)")
+    p.add_argument("--out", help="folder for the PNG files (default: MODEL/attention)")
+    flags.beam(p)
+    flags.device(p)
+
+    p = command(sub, "quickstart", _quickstart,
+                "Train a small English->German model on the bundled Multi30k, then score it on test2016.")
+    p.add_argument("--out", default="runs/quickstart", help="run directory")
+    p.add_argument("--minutes", type=float, default=10.0, help="training time budget")
+    p.add_argument("--resume", action="store_true", help="continue a previous quick start")
+    flags.device(p)

@@ -1,0 +1,69 @@
+"""Sampling from a decoder-only language model with the KV cache: temperature, top-k, nucleus (top-p)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from transformer.model.models import DecoderOnly
+
+
+def _pick(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+          generator: torch.Generator | None) -> Tensor:
+    """logits (B, V) -> next tokens (B,)."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None:  # nucleus: the fewest most likely tokens whose mass reaches top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the tokens before already reach top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def sample(
+    model: DecoderOnly,
+    prompt: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+) -> Tensor:
+    """Continue prompt (B, T) (rows of equal length) -> (B, T + n), n <= max_new_tokens.
+
+    Temperature 0 or top_k 1 is greedy (argmax). The prompt goes through the model in
+    one call, then one token per step, with the KV cache. With `eos_id`, a row is
+    padded with cfg.pad_id after its EOS and sampling stops when every row has one.
+    Raises ValueError when T + max_new_tokens exceeds the model's max_len.
+    """
+    if prompt.size(1) + max_new_tokens > model.cfg.max_len:
+        raise ValueError(
+            f"prompt of {prompt.size(1)} tokens + max_new_tokens={max_new_tokens} "
+            f"exceeds the model's max_len={model.cfg.max_len}"
+        )
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(
+            f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
+        )
+    cache = model.new_cache()
+    tokens, new = prompt, prompt
+    ended = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)  # (B,)
+    for _ in range(max_new_tokens):
+        logits = model(new, cache)[:, -1]  # (B, V)
+        new = _pick(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
+        if eos_id is not None:
+            new = new.masked_fill(ended[:, None], model.cfg.pad_id)
+            ended |= new[:, 0] == eos_id
+        tokens = torch.cat([tokens, new], dim=1)
+        if ended.all():
+            break
+    return tokens

@@ -1,0 +1,122 @@
+"""The explicit decoding cache: keys and values of every attention layer, kept across steps.
+
+`KVCache` is created empty by the caller (`model.new_cache()`), passed through the model's
+`decode`/`forward`, and filled by the attention modules: self-attention appends each step's
+keys/values, cross-attention stores the encoder output's once. Searches reorder it when
+they choose beams and shrink it when sentences finish.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+class LayerCache:
+    """Keys and values of one attention layer, kept across decoding steps.
+
+    Self-attention appends each step's keys/values into preallocated storage: `reserve`
+    sets its capacity once (the search knows the longest output it allows), and past
+    that it grows by doubling (so a step costs no full copy). Cross-attention stores
+    the keys/values of the encoder output once. `select` copies only the filled
+    positions and keeps the storage, so it costs O(length), not O(capacity).
+    """
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None  # (B, H, capacity, D)
+        self.v: Tensor | None = None
+        self.length = 0
+        self.reserved = 0  # capacity of the first allocation, when known
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add (B, H, T, D) keys/values; return all so far, (B, H, length, D)."""
+        t = k.size(2)
+        if self.k is None or self.length + t > self.k.size(2):
+            need = self.length + t
+            capacity = self.reserved if self.reserved >= need else max(2 * need, 16)
+            new_k = k.new_empty(k.size(0), k.size(1), capacity, k.size(3))
+            new_v = v.new_empty(new_k.shape)
+            if self.k is not None:
+                new_k[:, :, : self.length] = self.k[:, :, : self.length]
+                new_v[:, :, : self.length] = self.v[:, :, : self.length]
+            self.k, self.v = new_k, new_v
+        self.k[:, :, self.length : self.length + t] = k
+        self.v[:, :, self.length : self.length + t] = v
+        self.length += t
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def set(self, k: Tensor, v: Tensor) -> None:
+        """Store computed-once keys/values (cross-attention)."""
+        self.k, self.v, self.length = k, v, k.size(2)
+
+    def select(self, index: Tensor) -> None:
+        """Keep batch rows `index` (B',): reorders beams and drops finished sentences.
+
+        Copies the filled positions only. With spare capacity, they are gathered back
+        into the same storage (its first B' rows, or new storage of the same capacity
+        when B' is larger), so the next `append` still does not reallocate; the rows
+        dropped stay allocated until the storage grows.
+        """
+        if self.k is None:
+            return
+        if self.length == self.k.size(2):  # no spare capacity (e.g. cross-attention): a plain copy
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+            return
+        k = self.k[:, :, : self.length].index_select(0, index)  # (B', H, length, D)
+        v = self.v[:, :, : self.length].index_select(0, index)
+        rows = index.size(0)
+        if rows > self.k.size(0):
+            self.k = k.new_empty(rows, k.size(1), self.k.size(2), k.size(3))  # (B', H, capacity, D)
+            self.v = v.new_empty(self.k.shape)
+        else:
+            self.k, self.v = self.k[:rows], self.v[:rows]  # views of the same storage
+        self.k[:, :, : self.length] = k
+        self.v[:, :, : self.length] = v
+
+
+class KVCache:
+    """The explicit decoding cache: one self- and one cross-attention entry per layer.
+
+    Created empty by the caller, passed to `decode`/`forward`, filled by the
+    attention modules. `length` is the number of target positions decoded so far.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self.self_attn = [LayerCache() for _ in range(n_layers)]
+        self.cross_attn = [LayerCache() for _ in range(n_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.self_attn[0].length if self.self_attn else 0
+
+    def reserve(self, positions: int) -> None:
+        """Preallocate self-attention storage for `positions` target positions (before the first step)."""
+        for entry in self.self_attn:
+            entry.reserved = positions
+
+    def select(self, index: Tensor) -> None:
+        """Keep batch rows `index` in every layer (beam reordering, dropping finished rows)."""
+        for entry in self.self_attn + self.cross_attn:
+            entry.select(index)
+
+    def reorder_beams(self, index: Tensor) -> None:
+        """Keep batch rows `index` of the self-attention entries only.
+
+        For beam reordering, where each row of `index` comes from the same sentence as
+        the row it replaces: the cross-attention keys/values, the same for every beam of
+        a sentence, need no copy.
+        """
+        for entry in self.self_attn:
+            entry.select(index)
+
+    def state(self) -> tuple:
+        """A mark to `rewind` to (undoes a decoding step that failed part-way)."""
+        return tuple(e.length for e in self.self_attn), tuple(e.k is None for e in self.cross_attn)
+
+    def rewind(self, state: tuple) -> None:
+        lengths, empty = state
+        for entry, n in zip(self.self_attn, lengths):
+            entry.length = n
+        for entry, was_empty in zip(self.cross_attn, empty):
+            if was_empty:
+                entry.k = entry.v = None
+                entry.length = 0

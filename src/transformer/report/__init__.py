@@ -1,0 +1,1 @@
+"""What a run shows people: sacreBLEU/chrF scores, training curves, attention maps."""

@@ -1,0 +1,172 @@
+"""Translation with the paper's recipe (section 5): train on parallel text, validate with BLEU.
+
+Batches grouped by length up to `max_tokens` padded tokens; label-smoothed cross-entropy
+(eps 0.1, pad excluded); Adam (0.9, 0.98, 1e-9) with warm-up and inverse square-root
+decay (`training.optim`); gradient accumulation over `update_freq` batches. Every
+`valid_every` steps: validation loss, perplexity and greedy BLEU, a checkpoint, and the
+best model by BLEU at the top of the run directory (`training.loop`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from transformer.config import ModelConfig
+from transformer.errors import UserError
+from transformer.inference.search import SearchConfig
+from transformer.inference.translate import translate_lines
+from transformer.model.models import EncoderDecoder, build_model
+from transformer.report.metrics import score
+from transformer.text.data import TokenBatchSampler, collate, encode_pairs, read_parallel
+from transformer.text.tokenizer import Tokenizer
+from transformer.training import distributed
+from transformer.training.loop import LoopConfig, Objective, check_resume, fit, open_run
+from transformer.training.losses import label_smoothed_cross_entropy
+from transformer.training.precision import resolve_device
+
+
+@dataclass(frozen=True)
+class TranslationConfig:
+    """A translation training run: its data, vocabulary, batching and loss; `loop` has the rest."""
+
+    train_src: Path
+    train_tgt: Path
+    valid_src: Path
+    valid_tgt: Path
+    loop: LoopConfig
+    vocab_size: int = 8000  # joint BPE vocabulary
+    tokenizer_type: str = "bpe"  # or "unigram"
+    byte_fallback: bool = True  # characters unseen in training become UTF-8 byte pieces, not <unk>
+    max_tokens: int = 4096  # per batch, padded (see text.data.TokenBatchSampler)
+    max_epochs: int | None = None
+    label_smoothing: float = 0.1
+    valid_bleu_lines: int | None = None  # decode only the first N validation lines for BLEU
+
+    def to_dict(self) -> dict:
+        """JSON-ready, without `loop` (the loop records itself)."""
+        return {f.name: str(v) if isinstance(v, Path) else v
+                for f in dataclasses.fields(self) if f.name != "loop" for v in [getattr(self, f.name)]}
+
+@dataclass
+class Corpus:
+    src: list[list[int]]
+    tgt: list[list[int]]
+    sampler: TokenBatchSampler
+    src_text: list[str]
+    tgt_text: list[str]
+
+
+def _load_corpus(
+    src_path: Path, tgt_path: Path, tokenizer: Tokenizer, max_len: int, max_tokens: int, seed: int, shuffle: bool, say: Callable
+) -> Corpus:
+    pairs, skipped = read_parallel(src_path, tgt_path)
+    if skipped:
+        say(f"{src_path}: skipped {skipped} pair(s) with an empty side")
+    src, tgt = encode_pairs(tokenizer, pairs, max_len, src_path, tgt_path)
+    sampler = TokenBatchSampler(
+        [len(s) for s in src], [len(t) for t in tgt], max_tokens, seed=seed, shuffle=shuffle
+    )
+    return Corpus(src, tgt, sampler, [p.src for p in pairs], [p.tgt for p in pairs])
+
+
+class EpochBatches:
+    """The i-th batch counting across epochs: epoch e's batches (seeded by e) follow epoch e-1's."""
+
+    def __init__(self, sampler: TokenBatchSampler) -> None:
+        self.sampler = sampler
+        self.epoch, self.start, self.batches = 0, 0, sampler.batches(0)
+
+    def __getitem__(self, i: int) -> list[int]:
+        if i < self.start:  # only on a fresh lookup after a restart: walk again from epoch 0
+            self.epoch, self.start, self.batches = 0, 0, self.sampler.batches(0)
+        while i >= self.start + len(self.batches):
+            self.epoch, self.start = self.epoch + 1, self.start + len(self.batches)
+            self.batches = self.sampler.batches(self.epoch)
+        return self.batches[i - self.start]
+
+    def steps_in(self, epochs: int, update_freq: int) -> int:
+        """Optimiser steps that the first `epochs` epochs make."""
+        batches = sum(len(self.sampler.batches(e)) for e in range(epochs))
+        return -(-batches // update_freq)
+
+
+def _to_device(corpus: Corpus, idx: list[int], device: torch.device):
+    """A collated batch on `device`; on CUDA through pinned memory, copied without blocking."""
+    tensors = collate([corpus.src[i] for i in idx], [corpus.tgt[i] for i in idx])
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t.to(device) for t in tensors)
+
+
+def validate(
+    model: EncoderDecoder, tokenizer: Tokenizer, corpus: Corpus, cfg: TranslationConfig, device: torch.device
+) -> dict[str, float]:
+    """Validation loss, perplexity and greedy BLEU (the loop calls it in eval mode, without gradients)."""
+    loss_sum = nll_sum = n = 0.0
+    for idx in corpus.sampler.batches(0):
+        src, tgt_in, tgt_out = _to_device(corpus, idx, device)
+        loss, nll, count = label_smoothed_cross_entropy(model(src, tgt_in), tgt_out, cfg.label_smoothing, model.cfg.pad_id)
+        loss_sum, nll_sum, n = loss_sum + loss.item(), nll_sum + nll.item(), n + count.item()
+    lines = cfg.valid_bleu_lines or len(corpus.src_text)
+    hyps = translate_lines(model, tokenizer, corpus.src_text[:lines], SearchConfig(beam=1), batch_size=128)
+    bleu = score(hyps, corpus.tgt_text[:lines]).bleu
+    return {"loss": loss_sum / n, "nll": nll_sum / n, "ppl": math.exp(min(nll_sum / n, 50.0)), "bleu": bleu}
+
+
+def _new_model(cfg: TranslationConfig, model_cfg: ModelConfig, device: torch.device, say: Callable):
+    """A fresh model and its joint vocabulary, trained on the training pairs."""
+    pairs, _ = read_parallel(cfg.train_src, cfg.train_tgt)
+    say(f"training a {cfg.vocab_size}-token joint {cfg.tokenizer_type} vocabulary on {len(pairs)} pairs")
+    tokenizer = Tokenizer.train((s for p in pairs for s in (p.src, p.tgt)), cfg.vocab_size,
+                                model_type=cfg.tokenizer_type, byte_fallback=cfg.byte_fallback)
+    model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size, pad_id=Tokenizer.PAD)
+    torch.manual_seed(cfg.loop.seed)
+    return build_model(model_cfg).to(device), model_cfg, tokenizer
+
+
+def train(cfg: TranslationConfig, model_cfg: ModelConfig, say: Callable[[str], None] = print) -> Path:
+    """Train (or resume) a run in `cfg.loop.out`; returns the run directory. The best model is at its top."""
+    distributed.bind_cuda_device()  # under torchrun: "cuda" is cuda:LOCAL_RANK
+    device = resolve_device(cfg.loop.device)
+    world = distributed.env_world()
+    say = say if world.main else (lambda _: None)
+    resumed = open_run(cfg.loop, say)
+    if resumed is not None:
+        model, stored_cfg, tokenizer, state, recorded = resumed
+        wanted = model_cfg.replace(vocab_size=stored_cfg.vocab_size, pad_id=stored_cfg.pad_id)
+    else:
+        (model, stored_cfg, tokenizer), state, recorded = _new_model(cfg, model_cfg, device, say), None, None
+        wanted = stored_cfg
+    if not isinstance(model, EncoderDecoder):
+        raise UserError(f"translation training needs an encoder-decoder model, not arch {stored_cfg.arch!r}")
+    loop = cfg.loop
+    train_data = _load_corpus(cfg.train_src, cfg.train_tgt, tokenizer, stored_cfg.max_len, cfg.max_tokens, loop.seed, True, say)
+    valid_data = _load_corpus(cfg.valid_src, cfg.valid_tgt, tokenizer, stored_cfg.max_len, cfg.max_tokens, loop.seed, False, say)
+    say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"data: {len(train_data.src)} training, {len(valid_data.src)} validation pairs")
+    batches = EpochBatches(train_data.sampler)
+    if cfg.max_epochs is not None:
+        epoch_steps = batches.steps_in(cfg.max_epochs, loop.update_freq * world.world_size)
+        loop = dataclasses.replace(loop, max_steps=min(loop.max_steps or epoch_steps, epoch_steps))
+    loop = dataclasses.replace(loop, optim=loop.optim.resolve(stored_cfg.d_model, loop.max_steps))
+    meta = {"translation": cfg.to_dict()}
+    if recorded is not None:
+        check_resume(loop.out, {"model": stored_cfg.to_dict(), **recorded},
+                     {"model": wanted.to_dict(), "loop": loop.to_dict(), **meta}, say)
+
+    def loss(model: EncoderDecoder, batch) -> tuple[torch.Tensor, int]:
+        src, tgt_in, tgt_out = batch
+        loss, _, n = label_smoothed_cross_entropy(model(src, tgt_in), tgt_out, cfg.label_smoothing, stored_cfg.pad_id)
+        return loss, int(n)
+
+    objective = Objective(
+        batch=lambda i: _to_device(train_data, batches[i], device), loss=loss,
+        validate=lambda m: validate(m, tokenizer, valid_data, cfg, device), best_metric="bleu", higher_is_better=True,
+    )
+    return fit(loop, model, stored_cfg, tokenizer, objective, state, meta, say)

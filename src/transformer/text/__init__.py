@@ -1,0 +1,1 @@
+"""Text: the sentencepiece tokenizer, reading files with clear errors, batching by length."""
