@@ -26,9 +26,10 @@ import warnings
 import torch
 
 from transformer.config import preset
-from transformer.data import collate_source
-from transformer.decode import DecodingModel, SearchConfig, translate_batch
-from transformer.models import build_model
+from transformer.text.data import collate_source
+from transformer.inference.runtime import DecodingModel
+from transformer.inference.search import SearchConfig, translate_batch
+from transformer.model.models import build_model
 
 VOCAB, SRC_LEN, OUT_LEN = 8000, 25, 50
 D_MODEL, HEADS, FFN, LAYERS = 256, 4, 1024, 3

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from transformer.config import ModelConfig, preset
-from transformer.layers import sinusoid_table
-from transformer.losses import label_smoothed_cross_entropy
-from transformer.models import build_model
-from transformer.optim import make_optimizer
+from transformer.model.layers import sinusoid_table
+from transformer.training.losses import label_smoothed_cross_entropy
+from transformer.model.models import build_model
+from transformer.training.optim import OptimConfig, make_optimizer
 
 VOCAB = {"small": 8000, "base": 37000}
 
@@ -162,7 +162,7 @@ def make_step(system: str, cfg: ModelConfig, precision: str, batch: int, length:
     """A closure that runs one training step of `system` and returns its seconds."""
     torch.manual_seed(0)
     model = build(system, cfg).train()
-    optimizer = make_optimizer(model, lr=1e-4)
+    optimizer, _ = make_optimizer(model, OptimConfig(lr=1e-4, schedule="constant", warmup=0).resolve(cfg.d_model, None))
     g = torch.Generator().manual_seed(0)
     src = torch.randint(4, cfg.vocab_size, (batch, length), generator=g)
     tgt = torch.randint(4, cfg.vocab_size, (batch, length + 1), generator=g)

@@ -19,7 +19,7 @@ for pair in $DIRECTIONS; do
   mkdir -p "$run"
   if [ ! -f "$run/train_seconds" ]; then
     start=$(date +%s)
-    transformer train --data "$DATA" --src "$src" --tgt "$tgt" --out "$run" --resume \
+    transformer train --data "$DATA" --src-lang "$src" --tgt-lang "$tgt" --out "$run" --resume \
       --preset small --vocab-size 8000 --dropout 0.1 \
       --max-tokens 2048 --warmup 800 --lr-scale 0.7 --max-steps 3750 \
       --valid-every 250 --valid-bleu-lines 300 --keep-last 5 --seed 1

@@ -15,6 +15,9 @@ SENTENCES = ["a man rides a horse", "two dogs play in the snow", "a girl reads a
 MAX_LEN = 16  # the decoder input is <s> + target: a target may have at most 15 tokens
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
     return Tokenizer.train(SENTENCES, 40, model_type="char")

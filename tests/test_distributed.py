@@ -21,7 +21,6 @@ import torch
 import torch.multiprocessing as mp
 
 from transformer.training.checkpoint import list_checkpoints, load_model_dir
-from transformer.corpora import multi30k_dir
 from transformer.text.data import TokenBatchSampler
 from transformer.training.distributed import shard
 from transformer.tasks.translation import EpochBatches
@@ -195,13 +194,8 @@ def test_two_processes_make_the_step_of_one_process_on_the_whole_batch(tmp_path)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    for split, n in (("train", 200), ("valid", 20)):
-        for lang in ("en", "de"):
-            lines = (multi30k_dir() / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()[:n]
-            (root / f"{split}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
+def data(multi30k_sample) -> Path:
+    return multi30k_sample(200, 20)
 
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:

@@ -30,13 +30,7 @@ CHANGED = 1e-3
 OPTIONS = {"bf16": {"precision": "bf16"}, "int8": {"quantize": "int8"}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is as fast, and on a busy 2-core machine two threads are ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _random_model(tied: bool):

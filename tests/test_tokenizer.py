@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from transformer.corpora import multi30k_dir
 from transformer.errors import UserError
@@ -93,3 +94,31 @@ def test_user_symbols(corpus: list[str]) -> None:
     tok = Tokenizer.train(corpus, vocab_size=300, user_symbols=["<sep>"])
     sep = tok.piece_to_id("<sep>")
     assert sep > 3 and sep in tok.encode(["a<sep>b"])[0]
+
+
+UNSEEN = "Ein Café in Zürich — 東京, naïve ☃ 😀"
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_byte_fallback_keeps_characters_unseen_in_training(corpus: list[str], model_type: str) -> None:
+    """With byte fallback any UTF-8 text survives encode and decode; without it, unseen characters become <unk>."""
+    assert not any(c in "".join(corpus) for c in "東京☃😀")  # really unseen
+    with_bytes = Tokenizer.train(corpus, vocab_size=400, model_type=model_type, byte_fallback=True)
+    ids = with_bytes.encode([UNSEEN])[0]
+    assert Tokenizer.UNK not in ids and with_bytes.decode([ids]) == [UNSEEN]
+    assert with_bytes.piece_to_id("<0xE6>") in ids  # the first byte of 東
+    without = Tokenizer.train(corpus, vocab_size=400, model_type=model_type)
+    assert Tokenizer.UNK in without.encode([UNSEEN])[0] and without.decode(without.encode([UNSEEN])) != [UNSEEN]
+
+
+def test_translation_training_uses_byte_fallback(tmp_path: Path) -> None:
+    """`transformer train` builds its vocabulary with byte fallback unless --no-byte-fallback."""
+    from transformer.corpora import multi30k_dir
+    from transformer.tasks.translation import TranslationConfig, _tokenizer
+    from transformer.training.loop import LoopConfig
+
+    data = multi30k_dir()
+    cfg = TranslationConfig(data / "train.en", data / "train.de", data / "valid.en", data / "valid.de",
+                            loop=LoopConfig(out=tmp_path), vocab_size=1000)
+    tokenizer = _tokenizer(cfg, lambda _: None)
+    assert tokenizer.decode(tokenizer.encode([UNSEEN])) == [UNSEEN]

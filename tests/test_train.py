@@ -12,6 +12,7 @@ import torch
 from transformer.training.checkpoint import list_checkpoints, load_model_dir
 from transformer.cli import main
 from transformer.corpora import multi30k_dir
+from transformer.report.metrics import score
 
 N_TRAIN = 300
 
@@ -66,20 +67,52 @@ def test_train_writes_a_self_contained_model_dir_and_logs(trained):
     assert meta["best"]["bleu"] == best_valid["bleu"]
 
 
+def _evaluate_json(args: list[str], capsys) -> dict:
+    assert main(["evaluate", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 def test_translate_and_evaluate(trained, data, tmp_path, capsys):
+    refs = (data / "valid.de").read_text(encoding="utf-8").splitlines()
+    ref_file = str(data / "valid.de")
+
+    # The scorer: the references score 100 against themselves, and lose nearly everything when each line
+    # is scored against another sentence (references rotated by one line), so lines are paired in order.
+    perfect = _evaluate_json(["--hyp", ref_file, "--ref", ref_file], capsys)
+    assert (perfect["bleu"], perfect["chrf"], perfect["n"]) == (100.0, 100.0, 40)
+    rotated = tmp_path / "rotated.de"
+    rotated.write_text("\n".join(refs[1:] + refs[:1]) + "\n", encoding="utf-8")
+    wrong = _evaluate_json(["--hyp", str(rotated), "--ref", ref_file], capsys)
+    assert wrong["bleu"] < 10 and wrong["chrf"] < 50  # 0.7 and 19 for these 40 lines
+    assert wrong == score(refs[1:] + refs[:1], refs).to_json()
+
+    # The last checkpoint: the best one in RUN/ (step 4, BLEU 0 like all the others) translates every
+    # line to an empty string, which would make the comparisons below hold whatever the search did.
+    model = list_checkpoints(trained)[-1]
     hyp = tmp_path / "hyp.de"
-    assert main(["translate", "--model", str(trained), "--input", str(data / "valid.en"),
+    assert main(["translate", "--model", str(model), "--input", str(data / "valid.en"),
                  "--output", str(hyp), "--beam", "2", "--no-progress"]) == 0
     lines = hyp.read_text(encoding="utf-8").split("\n")
     assert len(lines) == 41 and lines[-1] == ""  # 40 translations, in order, newline-terminated
-    assert main(["evaluate", "--hyp", str(hyp), "--ref", str(data / "valid.de"), "--json"]) == 0
-    scores = json.loads(capsys.readouterr().out)
-    assert 0 <= scores["bleu"] <= 100 and 0 <= scores["chrf"] <= 100
-    assert "nrefs:1" in scores["signature"]["bleu"]
-    # evaluate --model --input translates first and gives the same score for the same search.
-    assert main(["evaluate", "--model", str(trained), "--input", str(data / "valid.en"),
-                 "--ref", str(data / "valid.de"), "--beam", "2", "--json", "--no-progress"]) == 0
-    assert json.loads(capsys.readouterr().out)["bleu"] == scores["bleu"]
+    hyps = lines[:-1]
+    expected = score(hyps, refs)  # computed here, from the file's lines
+
+    scores = _evaluate_json(["--hyp", str(hyp), "--ref", ref_file], capsys)
+    assert scores == expected.to_json()
+    assert set(scores) == {"bleu", "chrf", "signature", "n"} and scores["n"] == 40
+    assert "nrefs:1" in scores["signature"]["bleu"] and "tok:13a" in scores["signature"]["bleu"]
+    assert scores["signature"]["chrf"].startswith("chrF2|") and "nc:6" in scores["signature"]["chrf"]
+    # Without --json: sacrebleu's two lines, signature = score details.
+    assert main(["evaluate", "--hyp", str(hyp), "--ref", ref_file]) == 0
+    assert capsys.readouterr().out == str(expected) + "\n"
+
+    # evaluate --model --input translates first and gives the same scores for the same search.
+    from_model = _evaluate_json(["--model", str(model), "--input", str(data / "valid.en"), "--ref", ref_file,
+                                 "--beam", "2", "--no-progress"], capsys)
+    assert from_model == expected.to_json()
+    # No check that the model beats a wrong system: 30 steps on 300 pairs leave the tiny model near
+    # a unigram model (valid loss ~4.7, BLEU 0 at every validation, degenerate output), so its
+    # translations carry no sentence-specific content that a shuffled system would lose.
 
 
 def test_translate_reads_stdin_and_writes_stdout(trained):

@@ -97,6 +97,13 @@ def loop(p: argparse.ArgumentParser) -> None:
     progress(r)
 
 
+def training(p: argparse.ArgumentParser, defaults: dict) -> None:
+    """The model, optimiser and run flags of a training command, with the task's defaults."""
+    model(p)
+    loop(p)
+    p.set_defaults(**defaults)
+
+
 def loop_config(args: argparse.Namespace):
     from transformer.training.loop import LoopConfig
     from transformer.training.optim import OptimConfig

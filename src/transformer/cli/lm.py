@@ -72,9 +72,7 @@ def register(sub) -> None:
     data.add_argument("--block-size", type=int, default=64, help="context length in tokens")
     data.add_argument("--batch-size", type=int, default=12, help="sequences (windows) per batch")
     data.add_argument("--eval-batches", type=int, default=50, help="validation batches (fixed) per evaluation")
-    flags.model(p)
-    flags.loop(p)
-    p.set_defaults(**TRAIN_DEFAULTS)
+    flags.training(p, TRAIN_DEFAULTS)
 
     p = command(sub, "sample", _sample, "Continue a prompt with a trained language model.")
     flags.model_dir(p)

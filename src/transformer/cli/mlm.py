@@ -43,9 +43,7 @@ def register(sub) -> None:
     data.add_argument("--vocab-size", type=int, default=8000, help="BPE vocabulary size")
     data.add_argument("--batch-size", type=int, default=128, help="sequences (sentences) per batch")
     data.add_argument("--mask-prob", type=float, default=0.15, help="share of the tokens chosen for prediction")
-    flags.model(p)
-    flags.loop(p)
-    p.set_defaults(**TRAIN_DEFAULTS)
+    flags.training(p, TRAIN_DEFAULTS)
 
     p = command(sub, "fill", _fill, "Print the most likely fillers of each [MASK] in a sentence.")
     flags.model_dir(p)

@@ -176,9 +176,7 @@ def register(sub) -> None:
     data.add_argument("--max-epochs", type=int, help="stop after this many epochs")
     data.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of label smoothing")
     data.add_argument("--valid-bleu-lines", type=int, help="decode only the first N validation lines for BLEU")
-    flags.model(p)
-    flags.loop(p)
-    p.set_defaults(**TRAIN_DEFAULTS)
+    flags.training(p, TRAIN_DEFAULTS)
 
     p = command(sub, "translate", _translate, "Translate sentences from stdin (or --input) to stdout (or --output).")
     flags.model_dir(p)

@@ -23,7 +23,6 @@ slides: each further call keeps the last block_size / 2 tokens as context.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,11 +33,11 @@ import torch.nn.functional as F
 from transformer.config import ModelConfig
 from transformer.errors import UserError
 from transformer.inference.sampling import sample
-from transformer.model.models import DecoderOnly, build_model
+from transformer.model.models import DecoderOnly
 from transformer.text.data import read_text as read_file
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import distributed
-from transformer.training.loop import LoopConfig, Objective, check_resume, fit, open_run
+from transformer.training.loop import LoopConfig, Objective, begin, fit, settle
 from transformer.training.precision import resolve_device
 
 NEWLINE = "\n"
@@ -125,25 +124,19 @@ def train_lm(cfg: LMConfig, model_cfg: ModelConfig, say: Callable[[str], None] =
     distributed.bind_cuda_device()  # under torchrun: "cuda" is cuda:LOCAL_RANK
     loop, device = cfg.loop, resolve_device(cfg.loop.device)
     train_text, valid_text = split_text(read_text(cfg.text), cfg.valid_fraction)
-    resumed = open_run(loop, say)
-    if resumed is not None:
-        model, stored_cfg, tokenizer, state, recorded = resumed
-        block = stored_cfg.max_len
-    else:
-        state, recorded, block = None, None, cfg.block_size
+
+    def new_tokenizer() -> Tokenizer:
         tokenizer = train_tokenizer(train_text, cfg.vocab, cfg.vocab_size)
         say(f"{cfg.vocab} vocabulary of {tokenizer.vocab_size} tokens (4 special)")
-        stored_cfg = _model_config(model_cfg, tokenizer.vocab_size, block)
-        torch.manual_seed(loop.seed)
-        model = build_model(stored_cfg).to(device)
-    if not isinstance(model, DecoderOnly):
-        raise UserError(f"lm training needs a decoder-only model, not arch {stored_cfg.arch!r}")
-    loop = dataclasses.replace(loop, optim=loop.optim.resolve(stored_cfg.d_model, loop.max_steps))
+        return tokenizer
+
+    def shape(vocab_size: int) -> ModelConfig:
+        return _model_config(model_cfg, vocab_size, cfg.block_size)
+
+    model, stored_cfg, tokenizer, state, recorded = begin(loop, "decoder", shape, new_tokenizer, device, say)
+    block = stored_cfg.max_len
     meta = {"lm": cfg.to_dict()}
-    if recorded is not None:
-        wanted = _model_config(model_cfg, stored_cfg.vocab_size, cfg.block_size)
-        check_resume(loop.out, {"model": stored_cfg.to_dict(), **recorded},
-                     {"model": wanted.to_dict(), "loop": loop.to_dict(), **meta}, say)
+    loop = settle(loop, stored_cfg, shape(stored_cfg.vocab_size), recorded, meta, say)
     train_data, valid_data = encode_text(tokenizer, train_text), encode_text(tokenizer, valid_text)
     for name, data in (("training", train_data), ("validation", valid_data)):
         if len(data) <= block + 1:
@@ -199,6 +192,8 @@ def generate_ids(
     """(1, len(ids) + n_tokens): the prompt ids and `n_tokens` sampled after them, sliding past the block."""
     device = next(model.parameters()).device
     block = model.cfg.max_len
+    if block < 2 and len(ids) + n_tokens > block:
+        raise UserError(f"the model's block of {block} token(s) leaves no room to continue a prompt")
     tokens = torch.tensor([ids], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     remaining = n_tokens

@@ -20,7 +20,6 @@ training data, at the same positions.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,11 @@ from torch import Tensor
 
 from transformer.config import ModelConfig
 from transformer.errors import UserError
-from transformer.model.models import EncoderOnly, build_model
+from transformer.model.models import EncoderOnly
 from transformer.text.data import pad, read_lines
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import distributed
-from transformer.training.loop import LoopConfig, Objective, check_resume, fit, open_run
+from transformer.training.loop import LoopConfig, Objective, begin, fit, settle
 from transformer.training.precision import resolve_device
 
 SYMBOLS = ("[MASK]", "[CLS]", "[SEP]")
@@ -131,24 +130,18 @@ def train_mlm(cfg: MLMConfig, model_cfg: ModelConfig, say: Callable[[str], None]
     distributed.bind_cuda_device()  # under torchrun: "cuda" is cuda:LOCAL_RANK
     loop, device = cfg.loop, resolve_device(cfg.loop.device)
     lines, valid_lines = _split(cfg)
-    resumed = open_run(loop, say)
-    if resumed is not None:
-        model, stored_cfg, tokenizer, state, recorded = resumed
-    else:
-        state, recorded = None, None
+
+    def new_tokenizer() -> Tokenizer:
         tokenizer = train_tokenizer(lines, cfg.vocab_size)
         say(f"BPE vocabulary of {tokenizer.vocab_size} tokens on {len(lines)} sentences")
-        stored_cfg = _model_config(model_cfg, tokenizer.vocab_size, cfg.max_len)
-        torch.manual_seed(loop.seed)
-        model = build_model(stored_cfg).to(device)
-    if not isinstance(model, EncoderOnly):
-        raise UserError(f"mlm training needs an encoder-only model, not arch {stored_cfg.arch!r}")
-    loop = dataclasses.replace(loop, optim=loop.optim.resolve(stored_cfg.d_model, loop.max_steps))
+        return tokenizer
+
+    def shape(vocab_size: int) -> ModelConfig:
+        return _model_config(model_cfg, vocab_size, cfg.max_len)
+
+    model, stored_cfg, tokenizer, state, recorded = begin(loop, "encoder", shape, new_tokenizer, device, say)
     meta = {"mlm": cfg.to_dict()}
-    if recorded is not None:
-        wanted = _model_config(model_cfg, stored_cfg.vocab_size, cfg.max_len)
-        check_resume(loop.out, {"model": stored_cfg.to_dict(), **recorded},
-                     {"model": wanted.to_dict(), "loop": loop.to_dict(), **meta}, say)
+    loop = settle(loop, stored_cfg, shape(stored_cfg.vocab_size), recorded, meta, say)
     train_seqs = encode_sentences(tokenizer, lines, stored_cfg.max_len)
     valid_seqs = encode_sentences(tokenizer, valid_lines, stored_cfg.max_len)
     frequent = Counter(i for s in train_seqs for i in s if i >= FIRST_REGULAR).most_common(1)[0][0]

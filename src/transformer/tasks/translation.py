@@ -21,12 +21,12 @@ from transformer.config import ModelConfig
 from transformer.errors import UserError
 from transformer.inference.search import SearchConfig
 from transformer.inference.translate import translate_lines
-from transformer.model.models import EncoderDecoder, build_model
+from transformer.model.models import EncoderDecoder
 from transformer.report.metrics import score
 from transformer.text.data import TokenBatchSampler, collate, encode_pairs, read_parallel
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import distributed
-from transformer.training.loop import LoopConfig, Objective, check_resume, fit, open_run
+from transformer.training.loop import LoopConfig, Objective, begin, fit, settle
 from transformer.training.losses import label_smoothed_cross_entropy
 from transformer.training.precision import resolve_device
 
@@ -119,15 +119,12 @@ def validate(
     return {"loss": loss_sum / n, "nll": nll_sum / n, "ppl": math.exp(min(nll_sum / n, 50.0)), "bleu": bleu}
 
 
-def _new_model(cfg: TranslationConfig, model_cfg: ModelConfig, device: torch.device, say: Callable):
-    """A fresh model and its joint vocabulary, trained on the training pairs."""
+def _tokenizer(cfg: TranslationConfig, say: Callable) -> Tokenizer:
+    """The joint vocabulary of a new run, trained on both sides of the training pairs."""
     pairs, _ = read_parallel(cfg.train_src, cfg.train_tgt)
     say(f"training a {cfg.vocab_size}-token joint {cfg.tokenizer_type} vocabulary on {len(pairs)} pairs")
-    tokenizer = Tokenizer.train((s for p in pairs for s in (p.src, p.tgt)), cfg.vocab_size,
-                                model_type=cfg.tokenizer_type, byte_fallback=cfg.byte_fallback)
-    model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size, pad_id=Tokenizer.PAD)
-    torch.manual_seed(cfg.loop.seed)
-    return build_model(model_cfg).to(device), model_cfg, tokenizer
+    return Tokenizer.train((s for p in pairs for s in (p.src, p.tgt)), cfg.vocab_size,
+                           model_type=cfg.tokenizer_type, byte_fallback=cfg.byte_fallback)
 
 
 def train(cfg: TranslationConfig, model_cfg: ModelConfig, say: Callable[[str], None] = print) -> Path:
@@ -136,15 +133,12 @@ def train(cfg: TranslationConfig, model_cfg: ModelConfig, say: Callable[[str], N
     device = resolve_device(cfg.loop.device)
     world = distributed.env_world()
     say = say if world.main else (lambda _: None)
-    resumed = open_run(cfg.loop, say)
-    if resumed is not None:
-        model, stored_cfg, tokenizer, state, recorded = resumed
-        wanted = model_cfg.replace(vocab_size=stored_cfg.vocab_size, pad_id=stored_cfg.pad_id)
-    else:
-        (model, stored_cfg, tokenizer), state, recorded = _new_model(cfg, model_cfg, device, say), None, None
-        wanted = stored_cfg
-    if not isinstance(model, EncoderDecoder):
-        raise UserError(f"translation training needs an encoder-decoder model, not arch {stored_cfg.arch!r}")
+
+    def shape(vocab_size: int) -> ModelConfig:
+        return model_cfg.replace(vocab_size=vocab_size, pad_id=Tokenizer.PAD)
+
+    model, stored_cfg, tokenizer, state, recorded = begin(
+        cfg.loop, "encoder-decoder", shape, lambda: _tokenizer(cfg, say), device, say)
     loop = cfg.loop
     train_data = _load_corpus(cfg.train_src, cfg.train_tgt, tokenizer, stored_cfg.max_len, cfg.max_tokens, loop.seed, True, say)
     valid_data = _load_corpus(cfg.valid_src, cfg.valid_tgt, tokenizer, stored_cfg.max_len, cfg.max_tokens, loop.seed, False, say)
@@ -154,11 +148,8 @@ def train(cfg: TranslationConfig, model_cfg: ModelConfig, say: Callable[[str], N
     if cfg.max_epochs is not None:
         epoch_steps = batches.steps_in(cfg.max_epochs, loop.update_freq * world.world_size)
         loop = dataclasses.replace(loop, max_steps=min(loop.max_steps or epoch_steps, epoch_steps))
-    loop = dataclasses.replace(loop, optim=loop.optim.resolve(stored_cfg.d_model, loop.max_steps))
     meta = {"translation": cfg.to_dict()}
-    if recorded is not None:
-        check_resume(loop.out, {"model": stored_cfg.to_dict(), **recorded},
-                     {"model": wanted.to_dict(), "loop": loop.to_dict(), **meta}, say)
+    loop = settle(loop, stored_cfg, shape(stored_cfg.vocab_size), recorded, meta, say)
 
     def loss(model: EncoderDecoder, batch) -> tuple[torch.Tensor, int]:
         src, tgt_in, tgt_out = batch

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from transformer.config import ModelConfig
 from transformer.errors import UserError
+from transformer.model.models import build_model
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import checkpoint as ckpt
 from transformer.training import distributed
@@ -102,6 +103,32 @@ def open_run(cfg: LoopConfig, say: Callable[[str], None]):
     return None
 
 
+def begin(cfg: LoopConfig, arch: str, shape: Callable[[int], ModelConfig], make_tokenizer: Callable[[], Tokenizer],
+          device: torch.device, say: Callable[[str], None]):
+    """(model, model config, tokenizer, train state, recorded meta) to train: the newest checkpoint's when
+    resuming (state and meta from it), else a new model of `shape(vocab size of make_tokenizer())`, seeded."""
+    resumed = open_run(cfg, say)
+    if resumed is None:
+        tokenizer = make_tokenizer()
+        model_cfg = shape(tokenizer.vocab_size)
+        torch.manual_seed(cfg.seed)
+        resumed = build_model(model_cfg).to(device), model_cfg, tokenizer, None, None
+    if resumed[1].arch != arch:
+        raise UserError(f"{cfg.out}: this task trains an {arch} model, not arch {resumed[1].arch!r}")
+    return resumed
+
+
+def settle(cfg: LoopConfig, model_cfg: ModelConfig, wanted: ModelConfig, recorded: dict | None, meta: dict,
+           say: Callable[[str], None]) -> LoopConfig:
+    """`cfg` with its optimiser resolved for the model; when resuming (`recorded` is the run's meta), a
+    `UserError` if this command's settings (`wanted` model, `cfg`, task `meta`) would change the run."""
+    cfg = dataclasses.replace(cfg, optim=cfg.optim.resolve(model_cfg.d_model, cfg.max_steps))
+    if recorded is not None:
+        check_resume(cfg.out, {"model": model_cfg.to_dict(), **recorded},
+                     {"model": wanted.to_dict(), "loop": cfg.to_dict(), **meta}, say)
+    return cfg
+
+
 # What may change when a run is resumed: how long it goes on, how often it reports, where it
 # runs. Anything else (model shape, data, seed, vocabulary, optimiser, batching) would make
 # the resumed run another run; --resume refuses it.
@@ -126,13 +153,15 @@ def check_resume(out: Path, recorded: dict, now: dict, say: Callable[[str], None
     of the settings in `RESUMABLE` are allowed and said.
     """
     old, new = _flat(recorded), _flat(now)
-    for key in sorted(old.keys() & new.keys()):
+    derived = ("lr", "min_lr", "decay_steps")  # follow from other settings: name those first
+    for key in sorted(old.keys() & new.keys(), key=lambda k: (k.rsplit(".", 1)[-1] in derived, k)):
         if old[key] == new[key]:
             continue
         name = key.rsplit(".", 1)[-1]
         flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
         if name in RESUMABLE:
-            say(f"resuming with {flag} {new[key]} (the run had {old[key]})")
+            if name not in ("resume", "progress"):
+                say(f"resuming with {flag} {new[key]} (the run had {old[key]})")
             continue
         raise UserError(f"--resume: {flag} would be {new[key]!r} but the run in {out} has {old[key]!r}; "
                         "resume with the run's settings, or start a new run with another --out")
