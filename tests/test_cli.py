@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from transformer.cli import main
 from transformer.cli.lm import unescape

@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from transformer.corpora import multi30k_dir
 from transformer.errors import UserError

@@ -37,8 +37,9 @@ from transformer.model.models import DecoderOnly
 from transformer.text.data import read_text as read_file
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import distributed
-from transformer.training.loop import LoopConfig, Objective, begin, fit, settle
+from transformer.training.loop import LoopConfig, Objective, fit
 from transformer.training.precision import resolve_device
+from transformer.training.run import begin, settle
 
 NEWLINE = "\n"
 

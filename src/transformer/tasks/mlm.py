@@ -35,8 +35,9 @@ from transformer.model.models import EncoderOnly
 from transformer.text.data import pad, read_lines
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import distributed
-from transformer.training.loop import LoopConfig, Objective, begin, fit, settle
+from transformer.training.loop import LoopConfig, Objective, fit
 from transformer.training.precision import resolve_device
+from transformer.training.run import begin, settle
 
 SYMBOLS = ("[MASK]", "[CLS]", "[SEP]")
 MASK, CLS, SEP = 4, 5, 6

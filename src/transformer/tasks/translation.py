@@ -18,7 +18,6 @@ from typing import Callable
 import torch
 
 from transformer.config import ModelConfig
-from transformer.errors import UserError
 from transformer.inference.search import SearchConfig
 from transformer.inference.translate import translate_lines
 from transformer.model.models import EncoderDecoder
@@ -26,9 +25,10 @@ from transformer.report.metrics import score
 from transformer.text.data import TokenBatchSampler, collate, encode_pairs, read_parallel
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import distributed
-from transformer.training.loop import LoopConfig, Objective, begin, fit, settle
+from transformer.training.loop import LoopConfig, Objective, fit
 from transformer.training.losses import label_smoothed_cross_entropy
 from transformer.training.precision import resolve_device
+from transformer.training.run import begin, settle
 
 
 @dataclass(frozen=True)
