@@ -1,10 +1,10 @@
 import functools
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -230,46 +230,189 @@ def test_crash_while_pruning(tmp_path: Path, tok_bytes: bytes) -> None:
     assert crash_every_step(setup, lambda: prune_checkpoints(run, 1), check) > 2
 
 
-_SAVE_FOREVER = """
-import sys
+# Run in a fresh interpreter, which then forks one child per kill point: the child arms a SIGKILL at
+# the k-th file-system step of the save sequence and runs it; the parent waits, and goes on with k+1.
+# (Forking a fresh process that has run no parallel torch code avoids forking OpenMP thread pools,
+# and costs a few milliseconds per kill point instead of a second to import torch.)
+_KILL_AT_EVERY_STEP = r"""
+import json, os, signal, sys
+from pathlib import Path
+
 import torch
-from transformer.training.checkpoint import checkpoint_dir, prune_checkpoints, save_model_dir
+
+torch.set_num_threads(1)
+os.fsync = lambda fd: None  # durability against power loss is not under test here: save the disk time
 from transformer.config import preset
 from transformer.model.models import build_model
+from transformer.training import checkpoint
+from transformer.training.checkpoint import checkpoint_dir, prune_checkpoints, save_model_dir
 
-run, cfg = sys.argv[1], preset("tiny")
-tok = open(sys.argv[2], "rb").read()
-model = build_model(cfg)
-for value in range(1, 10**6):
+root = Path(sys.argv[1])
+toks = {1: Path(sys.argv[2]).read_bytes(), 2: Path(sys.argv[3]).read_bytes()}
+cfg = preset("tiny", vocab_size=64, n_encoder_layers=1, n_decoder_layers=1)
+models = {}
+for value in (0, 1, 2):
+    models[value] = build_model(cfg)
     with torch.no_grad():
-        for p in model.parameters():
+        for p in models[value].parameters():
             p.fill_(value)
-    save_model_dir(run, model, cfg, tok, train_state={"value": value}, meta={"value": value})
-    save_model_dir(checkpoint_dir(run, value), model, cfg, tok, meta={"value": value})
+
+
+def save_checkpoint(run, step):
+    tok = toks[2 if step == 2 else 1]
+    save_model_dir(checkpoint_dir(run, step), models[step], cfg, tok, train_state={"value": step}, meta={"value": step})
+
+
+def setup(run):
+    # The old state: RUN/ holds save 1 (with a train state, so that the new save must delete a file),
+    # checkpoints 0 and 1.
+    save_model_dir(run, models[1], cfg, toks[1], train_state={"value": 1}, meta={"value": 1})
+    save_checkpoint(run, 0)
+    save_checkpoint(run, 1)
+    (run / "log.jsonl").write_text("log\n")
+
+
+def sequence(run):
+    # What the trainer does at a validation that improves: a new checkpoint, prune to the last 2,
+    # the new best model at the top of the run (without a train state).
+    save_checkpoint(run, 2)
     prune_checkpoints(run, 2)
-    print(value, flush=True)
+    save_model_dir(run, models[2], cfg, toks[2], meta={"value": 2})
+
+
+def arm(k):
+    # Count the file-system steps; SIGKILL this process at the k-th: before a directory is made, a file
+    # renamed, fsynced or deleted, or in the middle of writing a file (half its bytes on disk).
+    calls = [0]
+
+    def reached():
+        calls[0] += 1
+        return calls[0] == k
+
+    def wrap(fn):
+        def step(*args, **kwargs):
+            if reached():
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*args, **kwargs)
+
+        return step
+
+    for name in ("mkdir", "replace", "rename", "fsync", "unlink", "rmdir"):
+        setattr(os, name, wrap(getattr(os, name)))
+    write = checkpoint._write_file
+
+    def torn_write(path, data):
+        if reached():
+            with open(path, "wb") as f:
+                f.write(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        write(path, data)
+
+    checkpoint._write_file = torn_write
+    return calls
+
+
+def in_child(k, run):
+    # Runs `sequence` in a forked child armed at step k; returns the number of steps it made, or -signal.
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(reader)
+        code = 1
+        try:
+            calls = arm(k)
+            sequence(run)
+            os.write(writer, str(calls[0]).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(writer)
+    with os.fdopen(reader) as f:
+        steps = f.read()
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return int(steps) if code == 0 else code
+
+
+setup(root / "dry")
+n = in_child(0, root / "dry")  # never fires: counts the steps
+results = []
+for k in range(1, n + 2):  # n + 1: the child completes
+    run = root / f"k{k:03d}"
+    setup(run)
+    results.append(in_child(k, run))
+print(json.dumps({"steps": n, "results": results}))
 """
 
 
-def test_sigkill_while_saving(tmp_path: Path, tok_bytes: bytes) -> None:
-    run = tmp_path / "run"
-    (tmp_path / "tok.model").write_bytes(tok_bytes)
-    child = subprocess.Popen(
-        [sys.executable, "-c", _SAVE_FOREVER, str(run), str(tmp_path / "tok.model")],
-        stdout=subprocess.PIPE, text=True,
-    )
-    for _ in range(5):
-        assert child.stdout.readline()
-    time.sleep(0.037)  # land somewhere inside a save
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    child.stdout.close()
+def _complete_save(path: Path, toks: dict[int, bytes]) -> tuple[float, dict | None]:
+    """(value, train state) of the save in model directory `path`, checking that every file is of that save."""
+    model, cfg, tok, meta = load_model_dir(path)
+    assert cfg == CFG
+    values = torch.cat([p.flatten() for p in model.parameters()]).unique()
+    assert len(values) == 1, f"{path}: weights from two different saves"
+    value = values.item()
+    assert meta == {"value": value}, f"{path}: config.json of another save"
+    assert tok.to_bytes() == toks[2 if value == 2 else 1], f"{path}: tokenizer.model of another save"
+    return value, load_train_state(path)
 
-    assert saved_value(run) >= 5
-    listed = list_checkpoints(run)
-    assert 2 <= len(listed) <= 3
-    for path in listed:
-        saved_value(path)
+
+def test_sigkill_at_every_step_of_a_save(tmp_path: Path, tok_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed at any step of the trainer's save sequence leaves the old or the new state, whole."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # as in the child: only the kill is under test
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few hundred loads of a tiny model: threads would only wait on each other
+    try:
+        _kill_at_every_step(tmp_path, tok_bytes)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kill_at_every_step(tmp_path: Path, tok_bytes: bytes) -> None:
+    toks = {1: tok_bytes, 2: Tokenizer.train(["zwei hunde spielen im schnee", "ein mann"] * 10, vocab_size=30).to_bytes()}
+    assert toks[1] != toks[2]
+    for version, data in toks.items():
+        (tmp_path / f"tok{version}.model").write_bytes(data)
+    root = tmp_path / "runs"
+    root.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", _KILL_AT_EVERY_STEP, str(root), str(tmp_path / "tok1.model"), str(tmp_path / "tok2.model")],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    n = report["steps"]
+    assert 30 <= n <= 120  # mkdirs, writes, fsyncs, renames and deletes of the three calls
+    assert report["results"] == [-signal.SIGKILL] * n + [n]  # killed at each step 1..n, then not at all
+
+    top_seen, listed_seen = set(), set()
+    for k in range(1, n + 2):
+        run = root / f"k{k:03d}"
+        top = _complete_save(run, toks)  # loads, and holds save 1 or save 2, never a mix
+        assert top in [(1.0, {"value": 1}), (2.0, None)], k
+        assert (run / "log.jsonl").read_text() == "log\n"
+        listed = tuple(int(p.name.removeprefix("step_")) for p in list_checkpoints(run))
+        assert listed in {(0, 1), (0, 1, 2), (1, 2)}, (k, listed)  # 2 appears whole; 0 goes once 2 is there
+        for step, path in zip(listed, list_checkpoints(run)):
+            assert _complete_save(path, toks) == (step, {"value": step}), (k, path)
+        if top[0] == 2.0:
+            assert listed == (1, 2), k  # the new best comes last in the sequence
+        top_seen.add(top[0])
+        listed_seen.add(listed)
+        # Another try of the same sequence, not killed, finishes what the killed one left.
+        save_model_dir(checkpoint_dir(run, 2), model_filled(2.0), CFG, toks[2], train_state={"value": 2}, meta={"value": 2})
+        prune_checkpoints(run, 2)
+        save_model_dir(run, model_filled(2.0), CFG, toks[2], meta={"value": 2})
+        assert _complete_save(run, toks) == (2.0, None)
+        assert sorted(p.name for p in run.iterdir()) == [
+            "checkpoints", "config.json", "log.jsonl", "model.safetensors", "tokenizer.model"
+        ], k
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"], k
+        assert sorted(p.name for p in checkpoint_dir(run, 2).iterdir()) == [
+            "config.json", "model.safetensors", "tokenizer.model", "train_state.pt"
+        ], k
+    assert top_seen == {1.0, 2.0}
+    assert listed_seen == {(0, 1), (0, 1, 2), (1, 2)}
 
 
 def test_average(tmp_path: Path, tok_bytes: bytes) -> None:

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from transformer.errors import UserError
 from transformer.training.checkpoint import list_checkpoints, load_model_dir
 from transformer.text.data import TokenBatchSampler
 from transformer.training.distributed import shard
@@ -234,24 +235,33 @@ def test_two_process_checkpoint_resumes_exactly(data, tmp_path):
     assert meta["processes"] == 2
 
 
-def _failing_worker(rank: int, port: int, out: str) -> None:
+FAILURES = {  # what rank 1 raises in step 2, and the line it prints before its process exits
+    "error": (lambda: RuntimeError("rank 1 lost its data"),
+              "rank 1: training failed: RuntimeError: rank 1 lost its data; leaving the job"),
+    "interrupt": (KeyboardInterrupt, "rank 1: interrupted"),
+    "user error": (lambda: UserError("valid.de:3: invalid UTF-8"), "rank 1: error: valid.de:3: invalid UTF-8"),
+}
+
+
+def _failing_worker(rank: int, port: int, out: str, failure: str) -> None:
     _join(rank, port)
     _, _, src, tgt = _toy()
 
     def batch_for_step(i: int):
         if rank == 1 and i >= 2:
-            raise RuntimeError("rank 1 lost its data")
+            raise FAILURES[failure][0]()
         return src, tgt
 
     _toy_fit(Path(out), 1, batch_for_step)
 
 
-def test_a_failing_rank_stops_the_job(tmp_path, capfd):
-    """Rank 1 fails in step 2: it says why and exits at once (status 1); rank 0, left waiting, fails too; nothing hangs."""
-    with pytest.raises(mp.ProcessExitedException, match="exit code 1"):
-        _spawn(_failing_worker, str(tmp_path / "run"))
-    err = capfd.readouterr().err
-    assert "rank 1: training failed: RuntimeError: rank 1 lost its data; leaving the job" in err
+@pytest.mark.parametrize("failure", FAILURES)
+def test_a_failing_rank_stops_the_job(tmp_path, capfd, failure):
+    """Rank 1 fails in step 2 (an error, ^C, a bad input): it says why on one line and its process exits at
+    once, non-zero; rank 0, left waiting in the step's collective, fails too; nothing hangs."""
+    with pytest.raises(mp.ProcessExitedException, match="terminated with exit code"):
+        _spawn(_failing_worker, str(tmp_path / "run"), failure)
+    assert FAILURES[failure][1] in capfd.readouterr().err
 
 
 def _finishing_worker(rank: int, port: int, ports: list[int]) -> None:

@@ -88,10 +88,12 @@ def test_translate_and_evaluate(trained, data, tmp_path, capsys):
 
     # The last checkpoint: the best one in RUN/ (step 4, BLEU 0 like all the others) translates every
     # line to an empty string, which would make the comparisons below hold whatever the search did.
+    # It runs on to the length limit instead (all beam sizes alike), so the search here sets that limit.
     model = list_checkpoints(trained)[-1]
+    search = ["--beam", "2", "--max-len-b", "20"]
     hyp = tmp_path / "hyp.de"
     assert main(["translate", "--model", str(model), "--input", str(data / "valid.en"),
-                 "--output", str(hyp), "--beam", "2", "--no-progress"]) == 0
+                 "--output", str(hyp), *search, "--no-progress"]) == 0
     lines = hyp.read_text(encoding="utf-8").split("\n")
     assert len(lines) == 41 and lines[-1] == ""  # 40 translations, in order, newline-terminated
     hyps = lines[:-1]
@@ -108,7 +110,7 @@ def test_translate_and_evaluate(trained, data, tmp_path, capsys):
 
     # evaluate --model --input translates first and gives the same scores for the same search.
     from_model = _evaluate_json(["--model", str(model), "--input", str(data / "valid.en"), "--ref", ref_file,
-                                 "--beam", "2", "--no-progress"], capsys)
+                                 *search, "--no-progress"], capsys)
     assert from_model == expected.to_json()
     # No check that the model beats a wrong system: 30 steps on 300 pairs leave the tiny model near
     # a unigram model (valid loss ~4.7, BLEU 0 at every validation, degenerate output), so its
