@@ -8,7 +8,7 @@ nothing changes: one process, no process group.
 
 A timeout (TRANSFORMER_DIST_TIMEOUT_MIN minutes, default 30) bounds every collective, so a
 rank left waiting on a peer that hangs gives up with an error instead of waiting forever;
-a rank that fails exits non-zero and torchrun then stops the others. Validation runs on
+a rank that fails exits at once, non-zero, and torchrun then stops the others. Validation runs on
 rank 0 while the others wait, so the timeout must exceed the longest validation.
 """
 
@@ -24,6 +24,8 @@ from typing import Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
+
+from transformer.errors import UserError
 
 _OWNED = False  # whether `setup` started the process group (and `finish` ends it)
 _FINISHED: list = []  # the last barrier of each finished job, kept until exit (see `finish`)
@@ -94,10 +96,11 @@ def finish() -> None:
     Python-owned tensors it holds (all_gather_object's, the allreduces'): each thread waits
     for the other, forever. That deadlock hung one CI run in four.
 
-    A gloo barrier keeps a reference to every collective still held by a worker when it is
-    issued, and releases them only when it is itself destroyed. Kept alive here, it
-    guarantees that no worker thread ever frees a Python tensor after this point: the
-    collectives are freed by the main thread, later, with the GIL.
+    A gloo barrier takes a (weak) reference to every collective that a worker still holds
+    when it is issued, and such a collective, tensors included, is freed only when the last
+    reference to it goes (ProcessGroupGloo::barrier, c10::intrusive_ptr). Kept alive here,
+    the barrier guarantees that no worker thread frees a Python tensor after this point:
+    those collectives are freed by the main thread, at exit, with the GIL.
     """
     global _OWNED
     if not dist.is_initialized():
@@ -117,8 +120,6 @@ def abandon(world: Dist, error: BaseException) -> NoReturn:
     with a peer that will never answer, and joining them would hang this process until the
     timeout. Exiting at once lets torchrun see the failure and stop the other processes.
     """
-    from transformer.errors import UserError
-
     if isinstance(error, UserError):
         message, code = f"rank {world.rank}: error: {error}", 2
     elif isinstance(error, KeyboardInterrupt):
