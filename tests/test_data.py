@@ -80,14 +80,24 @@ def test_read_parallel_empty_corpus(tmp_path: Path) -> None:
 
 def test_encode_pairs_and_length_limit() -> None:
     pairs = [Pair("a b", "c", 1), Pair("d", "e f g", 3)]
-    src, tgt = encode_pairs(WordTokenizer(), pairs, 5, "x.en", "x.de")
-    assert src == [[4, 4], [4]] and tgt == [[4], [4, 4, 4]]
+    src, tgt, kept = encode_pairs(WordTokenizer(), pairs, 5, "x.en", "x.de")
+    assert src == [[4, 4], [4]] and tgt == [[4], [4, 4, 4]] and kept == pairs
     with pytest.raises(UserError) as e:
         encode_pairs(WordTokenizer(), pairs, 4, "x.en", "x.de")
     assert str(e.value) == (
         "x.de:3: sentence has 3 tokens, over the limit of 2 "
-        "(raise the model's max_len or clean the data)"
+        "(raise the model's max_len, clean the data, or skip such pairs with --too-long skip)"
     )
+    with pytest.raises(UserError, match=r"x\.en:1: sentence needs 3 tokens, more than --max-tokens 2"):
+        encode_pairs(WordTokenizer(), pairs, 9, "x.en", "x.de", max_tokens=2)
+
+
+def test_encode_pairs_skips_pairs_too_long_when_asked() -> None:
+    pairs = [Pair("a b", "c", 1), Pair("d", "e f g", 3), Pair("h", "i", 4), Pair("j k l m", "n", 7)]
+    src, tgt, kept = encode_pairs(WordTokenizer(), pairs, 4, "x.en", "x.de", skip_too_long=True)
+    assert [p.line for p in kept] == [1, 4] and src == [[4, 4], [4]] and tgt == [[4], [4]]
+    src, tgt, kept = encode_pairs(WordTokenizer(), pairs, 9, "x.en", "x.de", max_tokens=3, skip_too_long=True)
+    assert [p.line for p in kept] == [1, 4] and [len(s) for s in src] == [2, 1]
 
 
 # ---- batching ----

@@ -209,7 +209,7 @@ def test_bad_input_errors(data, tmp_path, capsys):
     lines = en.read_text(encoding="utf-8").splitlines()
     lines[9] = " ".join(lines[:40])  # far over the 64-token limit below
     long_en = _write(tmp_path / "long.en", ("\n".join(lines) + "\n").encode())
-    err = _error(train_args(long_en, de, "--max-len", "64", "--max-tokens", "100000"), capsys)
+    err = _error(train_args(long_en, de, "--max-len", "64", "--max-tokens", "100000", "--too-long", "error"), capsys)
     assert "long.en:10:" in err and "tokens" in err
     assert "unknown preset" in _error(train_args(en, de, "--preset", "gigantic"), capsys)
     if not torch.cuda.is_available():

@@ -37,6 +37,7 @@ from transformer.model.models import DecoderOnly
 from transformer.text.data import read_text as read_file
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import distributed
+from transformer.training.lock import guard
 from transformer.training.loop import LoopConfig, Objective, fit
 from transformer.training.precision import resolve_device
 from transformer.training.run import begin, settle
@@ -122,6 +123,11 @@ def _model_config(model_cfg: ModelConfig, vocab_size: int, block: int) -> ModelC
 
 def train_lm(cfg: LMConfig, model_cfg: ModelConfig, say: Callable[[str], None] = print) -> Path:
     """Train (or resume) a GPT-style model on cfg.text; returns the run directory."""
+    with guard(cfg.loop.out, say):  # one command at a time per run directory
+        return _train_lm(cfg, model_cfg, say)
+
+
+def _train_lm(cfg: LMConfig, model_cfg: ModelConfig, say: Callable[[str], None]) -> Path:
     distributed.bind_cuda_device()  # under torchrun: "cuda" is cuda:LOCAL_RANK
     loop, device = cfg.loop, resolve_device(cfg.loop.device)
     train_text, valid_text = split_text(read_text(cfg.text), cfg.valid_fraction)

@@ -35,6 +35,7 @@ from transformer.model.models import EncoderOnly
 from transformer.text.data import pad, read_lines
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import distributed
+from transformer.training.lock import guard
 from transformer.training.loop import LoopConfig, Objective, fit
 from transformer.training.precision import resolve_device
 from transformer.training.run import begin, settle
@@ -128,6 +129,11 @@ def _split(cfg: MLMConfig) -> tuple[list[str], list[str]]:
 
 def train_mlm(cfg: MLMConfig, model_cfg: ModelConfig, say: Callable[[str], None] = print) -> Path:
     """Train (or resume) a BERT-style masked LM on the sentences of cfg.text; returns the run directory."""
+    with guard(cfg.loop.out, say):  # one command at a time per run directory
+        return _train_mlm(cfg, model_cfg, say)
+
+
+def _train_mlm(cfg: MLMConfig, model_cfg: ModelConfig, say: Callable[[str], None]) -> Path:
     distributed.bind_cuda_device()  # under torchrun: "cuda" is cuda:LOCAL_RANK
     loop, device = cfg.loop, resolve_device(cfg.loop.device)
     lines, valid_lines = _split(cfg)

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from transformer.config import ModelConfig
+from transformer.errors import UserError
 from transformer.inference.search import SearchConfig
 from transformer.inference.translate import translate_lines
 from transformer.model.models import EncoderDecoder
@@ -25,6 +26,7 @@ from transformer.report.metrics import score
 from transformer.text.data import TokenBatchSampler, collate, encode_pairs, read_parallel
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import distributed
+from transformer.training.lock import guard
 from transformer.training.loop import LoopConfig, Objective, fit
 from transformer.training.losses import label_smoothed_cross_entropy
 from transformer.training.precision import resolve_device
@@ -44,9 +46,14 @@ class TranslationConfig:
     tokenizer_type: str = "bpe"  # or "unigram"
     byte_fallback: bool = True  # characters unseen in training become UTF-8 byte pieces, not <unk>
     max_tokens: int = 4096  # per batch, padded (see text.data.TokenBatchSampler)
+    too_long: str = "skip"  # a pair over max_len or --max-tokens: "skip" it (and count it) or make it an "error"
     max_epochs: int | None = None
     label_smoothing: float = 0.1
     valid_bleu_lines: int | None = None  # decode only the first N validation lines for BLEU
+
+    def __post_init__(self) -> None:
+        if self.too_long not in ("skip", "error"):
+            raise UserError(f"--too-long {self.too_long}: choose skip or error")
 
     def to_dict(self) -> dict:
         """JSON-ready, without `loop` (the loop records itself)."""
@@ -62,17 +69,22 @@ class Corpus:
     tgt_text: list[str]
 
 
-def _load_corpus(
-    src_path: Path, tgt_path: Path, tokenizer: Tokenizer, max_len: int, max_tokens: int, seed: int, shuffle: bool, say: Callable
-) -> Corpus:
+def _load_corpus(src_path: Path, tgt_path: Path, tokenizer: Tokenizer, max_len: int, cfg: TranslationConfig,
+                 shuffle: bool, say: Callable) -> Corpus:
     pairs, skipped = read_parallel(src_path, tgt_path)
     if skipped:
         say(f"{src_path}: skipped {skipped} pair(s) with an empty side")
-    src, tgt = encode_pairs(tokenizer, pairs, max_len, src_path, tgt_path)
-    sampler = TokenBatchSampler(
-        [len(s) for s in src], [len(t) for t in tgt], max_tokens, seed=seed, shuffle=shuffle
-    )
-    return Corpus(src, tgt, sampler, [p.src for p in pairs], [p.tgt for p in pairs])
+    src, tgt, kept = encode_pairs(tokenizer, pairs, max_len, src_path, tgt_path, cfg.max_tokens,
+                                  skip_too_long=cfg.too_long == "skip")
+    if not kept:
+        raise UserError(f"{src_path}: every pair is too long for the model (max_len {max_len}, --max-tokens "
+                        f"{cfg.max_tokens})")
+    if len(kept) < len(pairs):
+        say(f"{src_path}: skipped {len(pairs) - len(kept)} pair(s) too long for the model "
+            f"(max_len {max_len}, --max-tokens {cfg.max_tokens}; --too-long error makes them an error)")
+    sampler = TokenBatchSampler([len(s) for s in src], [len(t) for t in tgt], cfg.max_tokens, seed=cfg.loop.seed,
+                                shuffle=shuffle)
+    return Corpus(src, tgt, sampler, [p.src for p in kept], [p.tgt for p in kept])
 
 
 class EpochBatches:
@@ -129,6 +141,11 @@ def _tokenizer(cfg: TranslationConfig, say: Callable) -> Tokenizer:
 
 def train(cfg: TranslationConfig, model_cfg: ModelConfig, say: Callable[[str], None] = print) -> Path:
     """Train (or resume) a run in `cfg.loop.out`; returns the run directory. The best model is at its top."""
+    with guard(cfg.loop.out, say):  # one command at a time per run directory
+        return _train(cfg, model_cfg, say)
+
+
+def _train(cfg: TranslationConfig, model_cfg: ModelConfig, say: Callable[[str], None]) -> Path:
     distributed.bind_cuda_device()  # under torchrun: "cuda" is cuda:LOCAL_RANK
     device = resolve_device(cfg.loop.device)
     world = distributed.env_world()
@@ -140,8 +157,8 @@ def train(cfg: TranslationConfig, model_cfg: ModelConfig, say: Callable[[str], N
     model, stored_cfg, tokenizer, state, recorded = begin(
         cfg.loop, "encoder-decoder", shape, lambda: _tokenizer(cfg, say), device, say)
     loop = cfg.loop
-    train_data = _load_corpus(cfg.train_src, cfg.train_tgt, tokenizer, stored_cfg.max_len, cfg.max_tokens, loop.seed, True, say)
-    valid_data = _load_corpus(cfg.valid_src, cfg.valid_tgt, tokenizer, stored_cfg.max_len, cfg.max_tokens, loop.seed, False, say)
+    train_data = _load_corpus(cfg.train_src, cfg.train_tgt, tokenizer, stored_cfg.max_len, cfg, True, say)
+    valid_data = _load_corpus(cfg.valid_src, cfg.valid_tgt, tokenizer, stored_cfg.max_len, cfg, False, say)
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; "
         f"data: {len(train_data.src)} training, {len(valid_data.src)} validation pairs")
     batches = EpochBatches(train_data.sampler)

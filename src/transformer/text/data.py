@@ -93,24 +93,32 @@ def encode_pairs(
     max_len: int,
     src_path: str | Path,
     tgt_path: str | Path,
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of each pair's source and target, without BOS/EOS.
+    max_tokens: int | None = None,
+    skip_too_long: bool = False,
+) -> tuple[list[list[int]], list[list[int]], list[Pair]]:
+    """Token ids of each pair's source and target, without BOS/EOS, and the pairs they come from.
 
-    Each side may have at most ``max_len - 2`` tokens, leaving room for BOS and
-    EOS; the paths only name the files in the error for a longer sentence.
+    Each side may have at most ``max_len - 2`` tokens, leaving room for BOS and EOS, and a
+    pair at most `max_tokens` padded positions (see `TokenBatchSampler`). A longer pair is
+    left out when `skip_too_long` (real corpora always hold a few: fairseq and OpenNMT skip
+    them too), else it is a `UserError` naming its file and line.
     """
     limit = max_len - 2
-    encoded = []
-    for path, texts in ((src_path, [p.src for p in pairs]), (tgt_path, [p.tgt for p in pairs])):
-        ids = tokenizer.encode(texts)
-        for pair, seq in zip(pairs, ids):
-            if len(seq) > limit:
-                raise UserError(
-                    f"{path}:{pair.line}: sentence has {len(seq)} tokens, over the limit of "
-                    f"{limit} (raise the model's max_len or clean the data)"
-                )
-        encoded.append(ids)
-    return encoded[0], encoded[1]
+    src_ids, tgt_ids = tokenizer.encode([p.src for p in pairs]), tokenizer.encode([p.tgt for p in pairs])
+    kept: tuple[list, list, list] = ([], [], [])
+    for pair, src, tgt in zip(pairs, src_ids, tgt_ids):
+        path, longest = (src_path, src) if len(src) >= len(tgt) else (tgt_path, tgt)
+        problem = None
+        if len(longest) > limit:
+            problem = f"sentence has {len(longest)} tokens, over the limit of {limit} (raise the model's max_len"
+        elif max_tokens is not None and len(longest) + 1 > max_tokens:
+            problem = f"sentence needs {len(longest) + 1} tokens, more than --max-tokens {max_tokens} (raise it"
+        if problem is None:
+            for out, item in zip(kept, (src, tgt, pair)):
+                out.append(item)
+        elif not skip_too_long:
+            raise UserError(f"{path}:{pair.line}: {problem}, clean the data, or skip such pairs with --too-long skip)")
+    return kept
 
 
 class TokenBatchSampler:
