@@ -1,3 +1,4 @@
+import errno
 import functools
 import json
 import os
@@ -14,8 +15,10 @@ from torch import nn
 
 from transformer.training import checkpoint
 from transformer.training.checkpoint import (
+    atomic_write_bytes,
     average_checkpoints,
     checkpoint_dir,
+    copy_model_dir,
     list_checkpoints,
     load_model_dir,
     load_train_state,
@@ -23,6 +26,7 @@ from transformer.training.checkpoint import (
     prune_checkpoints,
     save_model_dir,
     save_weights,
+    tidy_run,
     write_average,
 )
 from transformer.config import preset
@@ -436,8 +440,9 @@ def test_average(tmp_path: Path, tok_bytes: bytes) -> None:
 
     other = CFG.replace(d_ff=48)
     save_model_dir(tmp_path / "c", build_model(other), other, tok_bytes)
-    with pytest.raises(UserError, match="config differs"):
+    with pytest.raises(UserError, match="config differs") as info:
         average_checkpoints([tmp_path / "a", tmp_path / "c"])
+    assert str(tmp_path / "a") in str(info.value) and str(tmp_path / "c") in str(info.value)
     save_model_dir(tmp_path / "d", Tied(), CFG, tok_bytes)  # same config, different tensors
     with pytest.raises(UserError, match="names or shapes differ"):
         average_checkpoints([tmp_path / "a", tmp_path / "d"])
@@ -496,3 +501,201 @@ def test_bad_model_dirs(tmp_path: Path, tok_bytes: bytes) -> None:
     fails(wrong, "weights do not fit the model")
     (wrong / "model.safetensors").unlink()
     fails(wrong, "has no model.safetensors")
+
+
+def test_average_never_overwrites_a_checkpoint(tmp_path: Path, tok_bytes: bytes) -> None:
+    """--out that is one of the inputs (however spelt), or another training checkpoint, is refused and untouched;
+    so are checkpoints of different tokenizers, naming both paths."""
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        save_model_dir(checkpoint_dir(run, step), model_filled(step), CFG, tok_bytes, train_state={"value": step},
+                       meta={"value": step})
+    a, b, c = list_checkpoints(run)
+    (tmp_path / "link").symlink_to(b)
+    for out in (b, Path(f"{b}/."), tmp_path / "link", run / "checkpoints" / ".." / "checkpoints" / b.name):
+        with pytest.raises(UserError, match="--out is one of the checkpoints to average") as info:
+            write_average([a, b], out)
+        assert str(out) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(UserError, match="--out is a training checkpoint"):
+        write_average([a, b], c)
+    for path, value in ((a, 1), (b, 2), (c, 3)):  # untouched, train state included
+        assert saved_value(path) == value and load_train_state(path) == {"value": value}
+
+    other = Tokenizer.train(["zwei hunde spielen im schnee", "ein mann"] * 10, vocab_size=30).to_bytes()
+    save_model_dir(tmp_path / "other", model_filled(4.0), CFG, other, meta={"value": 4.0})
+    with pytest.raises(UserError, match="tokenizer differs") as info:
+        write_average([a, tmp_path / "other"], tmp_path / "avg")
+    assert str(a) in str(info.value) and str(tmp_path / "other") in str(info.value)
+    assert not (tmp_path / "avg").exists()
+
+    write_average([a, b], tmp_path / "avg")  # a model directory without train state may be replaced
+    write_average([b, c], tmp_path / "avg")
+    model, *_ = load_model_dir(tmp_path / "avg")
+    assert torch.cat([p.flatten() for p in model.parameters()]).unique().tolist() == [2.5]
+
+
+def fail_at(monkeypatch: pytest.MonkeyPatch, k: int, code: int = errno.ENOSPC) -> None:
+    """Make the k-th file-system step (write, fsync, rename, unlink, mkdir, rmdir) raise OSError(code);
+    a failed write leaves half its bytes, as a full disk does."""
+    calls = [0]
+
+    def step() -> bool:
+        calls[0] += 1
+        return calls[0] == k
+
+    def wrap(fn):
+        def failing(*args, **kwargs):
+            if step():
+                raise OSError(code, os.strerror(code))
+            return fn(*args, **kwargs)
+
+        return failing
+
+    for name in ("replace", "rename", "fsync", "unlink", "rmdir", "mkdir"):
+        monkeypatch.setattr(os, name, wrap(getattr(os, name)))
+    write = checkpoint._write_file
+
+    def torn_write(path: Path, data: bytes) -> None:
+        if step():
+            Path(path).write_bytes(data[: len(data) // 2])
+            raise OSError(code, os.strerror(code))
+        write(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_file", torn_write)
+
+
+def fail_every_step(setup, save, check) -> int:
+    """For k = 1, 2, ...: `setup`, run `save` failing at step k, `check(error)`; stops when `save` completes.
+
+    Returns the number of failure points covered.
+    """
+    for k in range(1, 1000):
+        setup()
+        with pytest.MonkeyPatch.context() as mp:
+            fail_at(mp, k)
+            try:
+                save()
+                error = None
+            except UserError as e:
+                error = str(e)
+        check(error)
+        if error is None:
+            return k - 1
+    raise AssertionError("save never completed")
+
+
+def litter(folder: Path) -> list[str]:
+    """What a failed save must not leave: temporaries anywhere, .next files without a journal."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            if ".tmp-" in name or (name.endswith(".next") and ".commit" not in files):
+                found.append(name)
+    return found
+
+
+def test_failed_saves_leave_nothing_behind_and_say_where(tmp_path: Path, tok_bytes: bytes, one_thread,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save failing at any step (full disk) raises one line naming the directory and the problem, removes the
+    temporaries it made, and leaves the old model in force (or, once its journal is written, the new one)."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # a failing fsync is still a step: only the disk time goes
+    run = tmp_path / "run"
+    seen, messages = set(), set()
+
+    def setup() -> None:
+        shutil.rmtree(run, ignore_errors=True)
+        save_model_dir(run, model_filled(1.0), CFG, tok_bytes, train_state={"value": 1.0}, meta={"value": 1.0})
+        save_model_dir(checkpoint_dir(run, 5), model_filled(1.0), CFG, tok_bytes, meta={"value": 1.0})
+
+    def save() -> None:  # a new checkpoint directory, then the top of the run replaced
+        save_model_dir(checkpoint_dir(run, 6), model_filled(2.0), CFG, tok_bytes, meta={"value": 2.0})
+        save_model_dir(run, model_filled(2.0), CFG, tok_bytes, train_state={"value": 2.0}, meta={"value": 2.0})
+
+    def check(error: str | None) -> None:
+        if error is not None:
+            assert "\n" not in error and error.endswith(": cannot write: No space left on device"), error
+            messages.add(error.split(": ")[0])
+        assert litter(run) == [], error
+        seen.add(saved_value(run))
+        listed = list_checkpoints(run)
+        assert listed[0] == checkpoint_dir(run, 5) and len(listed) <= 2
+        for path in listed:
+            saved_value(path)
+        save()  # the next save recovers
+        assert saved_value(run) == 2.0 and saved_value(checkpoint_dir(run, 6)) == 2.0
+        assert sorted(p.name for p in run.iterdir()) == [
+            "checkpoints", "config.json", "model.safetensors", "tokenizer.model", "train_state.pt"]
+
+    assert fail_every_step(setup, save, check) > 30
+    assert seen == {1.0, 2.0}
+    assert messages == {str(checkpoint_dir(run, 6)), str(run)}
+
+
+def test_failed_prune_and_atomic_write_say_where(tmp_path: Path, tok_bytes: bytes, monkeypatch) -> None:
+    run = tmp_path / "run"
+    for step in (1, 2):
+        save_model_dir(checkpoint_dir(run, step), model_filled(step), CFG, tok_bytes, meta={"value": step})
+    with pytest.MonkeyPatch.context() as mp:
+        fail_at(mp, 1, errno.EROFS)
+        with pytest.raises(UserError) as info:
+            prune_checkpoints(run, 1)
+    assert str(info.value) == f"{checkpoint_dir(run, 1)}: cannot delete: Read-only file system"
+    assert [saved_value(p) for p in list_checkpoints(run)] == [1.0, 2.0]
+
+    file = tmp_path / "log.jsonl"
+    file.write_text("old\n")
+    for k in (1, 2, 3):  # the write, its fsync, the rename
+        with pytest.MonkeyPatch.context() as mp:
+            fail_at(mp, k)
+            with pytest.raises(UserError, match=rf"^{file}: cannot write: No space left on device$"):
+                atomic_write_bytes(file, b"new\n")
+        assert file.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl", "run"]
+
+
+def test_tidy_run_finishes_or_undoes_interrupted_saves(tmp_path: Path, tok_bytes: bytes, monkeypatch) -> None:
+    run = tmp_path / "run"
+    save_model_dir(run, model_filled(1.0), CFG, tok_bytes, meta={"value": 1.0})
+    for step in (1, 2):
+        save_model_dir(checkpoint_dir(run, step), model_filled(step), CFG, tok_bytes, meta={"value": step})
+    (run / "log.jsonl").write_text("log\n")
+    (run / ".lock").write_text("pid 1\n")
+    # RUN/: an uncommitted save (.next files, a journal's temporary) and an atomic write's temporary
+    (run / "model.safetensors.next").write_bytes(b"half")
+    (run / "config.json.next").write_bytes(b"{")
+    (run / "..commit.tmp-123").write_text('["config.json"')
+    (run / ".log.jsonl.tmp-77").write_text("half a log")
+    # checkpoint 2: a committed save whose files were not all put in place yet
+    step2 = checkpoint_dir(run, 2)
+    (step2 / "model.safetensors.next").write_bytes((checkpoint_dir(run, 1) / "model.safetensors").read_bytes())
+    (step2 / "config.json.next").write_bytes((checkpoint_dir(run, 1) / "config.json").read_bytes())
+    (step2 / ".commit").write_text(json.dumps(["config.json", "model.safetensors", "tokenizer.model"]))
+    # checkpoints/: a checkpoint half built, one half deleted
+    (run / "checkpoints" / ".tmp-step_00000003-99").mkdir()
+    (run / "checkpoints" / ".tmp-step_00000003-99" / "config.json").write_text("{")
+    (run / "checkpoints" / ".del-step_00000000").mkdir()
+
+    tidy_run(run)
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".lock", "checkpoints", "config.json", "log.jsonl", "model.safetensors", "tokenizer.model"]
+    assert saved_value(run) == 1.0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+    assert sorted(p.name for p in step2.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert saved_value(step2) == 1.0  # rolled forward to the committed save
+
+    def untouchable(*args, **kwargs):
+        raise AssertionError("a tidy run was written to")
+
+    for name in ("replace", "rename", "fsync", "unlink", "rmdir", "mkdir"):
+        monkeypatch.setattr(os, name, untouchable)
+    tidy_run(run)  # nothing left to do: nothing is written
+    tidy_run(tmp_path / "nowhere")
+
+
+def test_copy_model_dir(tmp_path: Path, tok_bytes: bytes) -> None:
+    source = checkpoint_dir(tmp_path / "run", 4)
+    save_model_dir(source, model_filled(4.0), CFG, tok_bytes, train_state={"value": 4.0}, meta={"value": 0.0})
+    copy_model_dir(source, tmp_path / "run", meta={"value": 4.0})
+    assert saved_value(tmp_path / "run") == 4.0 and load_train_state(tmp_path / "run") is None
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+    assert checkpoint.read_meta(tmp_path / "run") == {"value": 4.0}
+    assert checkpoint.read_meta(tmp_path / "nowhere") is None and checkpoint.read_meta(source.parent) is None

@@ -9,6 +9,7 @@ projection. Every field that departs from the paper says so in its comment.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,14 +42,16 @@ class ModelConfig:
     eos_id: int = 3
 
     def __post_init__(self) -> None:
+        """Every field's type and range checked; a `UserError` naming the field, e.g. "n_heads 0: must be >= 1"."""
+        for name, (kind, low, high) in _FIELD_RULES.items():
+            _check_field(name, getattr(self, name), kind, low, high)
         if self.d_model % self.n_heads:
             raise UserError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if self.arch not in ("encoder-decoder", "encoder", "decoder"):
-            raise UserError(f"unknown arch {self.arch!r}")
-        if self.positions not in ("sinusoidal", "learned"):
-            raise UserError(f"unknown positions {self.positions!r}")
-        if self.attn_window is not None and self.attn_window < 0:
-            raise UserError("attn_window must be >= 0")
+        if self.positions == "sinusoidal" and self.d_model % 2:
+            raise UserError(f"d_model {self.d_model}: must be even with sinusoidal positions")
+        for name in ("pad_id", "bos_id", "eos_id"):
+            if getattr(self, name) >= self.vocab_size:
+                raise UserError(f"{name} {getattr(self, name)}: must be < vocab_size ({self.vocab_size})")
 
     @property
     def d_k(self) -> int:
@@ -63,10 +66,60 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        unknown = sorted(set(d) - known)
         if unknown:
-            raise UserError(f"unknown model config keys: {sorted(unknown)}")
+            raise UserError(f"unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
+                            f"(the fields are {', '.join(sorted(known))})")
         return cls(**d)
+
+
+# Each field's type and range, read by ModelConfig.__post_init__: (type, minimum, maximum), a bound
+# written (value, inclusive); "int?" is an int or None; a tuple of strings lists the choices.
+_FIELD_RULES: dict[str, tuple] = {
+    "arch": (("encoder-decoder", "encoder", "decoder"), None, None),
+    "vocab_size": ("int", (1, True), None),
+    "d_model": ("int", (1, True), None),
+    "n_heads": ("int", (1, True), None),
+    "d_ff": ("int", (1, True), None),
+    "n_encoder_layers": ("int", (0, True), None),
+    "n_decoder_layers": ("int", (0, True), None),
+    "dropout": ("float", (0, True), (1, False)),
+    "attn_dropout": ("float", (0, True), (1, False)),
+    "norm_first": ("bool", None, None),
+    "positions": (("sinusoidal", "learned"), None, None),
+    "max_len": ("int", (1, True), None),
+    "tie_embeddings": ("bool", None, None),
+    "attn_window": ("int?", (0, True), None),
+    "layer_norm_eps": ("float", (0, False), None),
+    "pad_id": ("int", (0, True), None),
+    "bos_id": ("int", (0, True), None),
+    "eos_id": ("int", (0, True), None),
+}
+
+
+def _check_field(name: str, value: Any, kind: str | tuple, minimum: tuple | None, maximum: tuple | None) -> None:
+    """`UserError` "NAME VALUE: must be ..." unless `value` has the type `kind` and lies within the bounds."""
+    if isinstance(kind, tuple):
+        if not isinstance(value, str) or value not in kind:
+            raise UserError(f"{name} {value!r}: must be one of {', '.join(kind)}")
+        return
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise UserError(f"{name} {value!r}: must be true or false")
+        return
+    if kind == "int?" and value is None:
+        return
+    if kind in ("int", "int?") and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UserError(f"{name} {value!r}: must be an integer" + (" or null" if kind == "int?" else ""))
+    if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise UserError(f"{name} {value!r}: must be a finite number")
+    bounds = []
+    if minimum is not None:
+        bounds.append((">=" if minimum[1] else ">", minimum[0], value < minimum[0] if minimum[1] else value <= minimum[0]))
+    if maximum is not None:
+        bounds.append(("<=" if maximum[1] else "<", maximum[0], value > maximum[0] if maximum[1] else value >= maximum[0]))
+    if any(out for _, _, out in bounds):
+        raise UserError(f"{name} {value!r}: must be {' and '.join(f'{op} {bound}' for op, bound, _ in bounds)}")
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -4,8 +4,10 @@ One grammar: ``transformer TASK VERB [flags]``, TASK one of ``translation``, ``l
 translation is the default task, so ``transformer train|translate|evaluate|attention|quickstart``
 mean ``transformer translation VERB``. ``params``, ``average`` and ``plot`` work on any
 model or run. Every flag is declared once (`transformer.cli.flags`); training commands
-also read a TOML ``--config`` file, which the command line overrides. A `UserError` from
-the library is printed as one line on stderr with exit status 2, never a traceback.
+also read a TOML ``--config`` file, which the command line overrides. Every number is checked
+against its range when the arguments are parsed, a --config file's values too. A `UserError` from
+the library, a mistake in the arguments, and an `OSError` are printed as one line on stderr with
+exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import sys
 
 from transformer.cli import lm, mlm, tools, translation
+from transformer.cli.common import ArgumentsError, Parser, one_line
 from transformer.errors import UserError
 
 TASKS = {"translation": translation, "lm": lm, "mlm": mlm}
@@ -22,7 +25,7 @@ TRANSLATION_VERBS = ("train", "translate", "evaluate", "attention", "quickstart"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="transformer",
         description="The Transformer of 'Attention Is All You Need': train, translate, evaluate, inspect.",
         epilog=f"{', '.join(TRANSLATION_VERBS)} are short for `transformer translation VERB`.",
@@ -67,6 +70,10 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
                 value = action.type(value)
             except (TypeError, ValueError):
                 raise UserError(f"{path}: {key}: {value!r} is not a value of --{dest.replace('_', '-')}") from None
+            except argparse.ArgumentTypeError as e:  # out of range: "-10: must be >= 0"
+                raise UserError(f"{path}: {key}: {e}") from None
+        elif action.nargs != 0 and not isinstance(value, str):  # a flag that takes text (a path, a name)
+            raise UserError(f"{path}: {key}: {value!r} is not a value of --{dest.replace('_', '-')} (give a string)")
         if action.choices is not None and value not in action.choices:
             raise UserError(f"{path}: {key}: {value!r}: choose one of {', '.join(map(str, action.choices))}")
         defaults[dest] = value
@@ -78,10 +85,27 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if argv and argv[0] in TRANSLATION_VERBS:
         argv = ["translation", *argv]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse_args(parser, argv)
     if getattr(args, "config", None):
-        args.parser.set_defaults(**_config_defaults(args.parser, args.config))
-        args = parser.parse_args(argv)
+        try:
+            defaults = _config_defaults(args.parser, args.config)
+        except ArgumentsError:
+            raise
+        except UserError as e:
+            raise ArgumentsError(args.parser.prog, str(e)) from None
+        args.parser.set_defaults(**defaults)
+        args = _parse_args(parser, argv)
+    return args
+
+
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parser.parse_args`, with an unknown argument reported by the command it was given to."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ArgumentsError(args.parser.prog, f"unrecognized arguments: {' '.join(unknown)}")
+    for action in args.parser._actions:  # argparse (before 3.12) takes `--flag=--` as an empty list
+        if action.option_strings and action.nargs is None and isinstance(getattr(args, action.dest, None), list):
+            raise ArgumentsError(args.parser.prog, f"{action.option_strings[0]}: expected one argument")
     return args
 
 
@@ -92,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(argv)
         name = args.parser.prog
         args.func(args)
+    except ArgumentsError as e:
+        print(f"{e.prog}: error: {one_line(str(e))}", file=sys.stderr)
+        return 2
     except UserError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -101,7 +128,24 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"{name}: error: out of memory, ask for less (a smaller --batch-size, --beam, --max-tokens or "
+              f"model): {one_line(message)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder the library did not expect to fail (disk full, permissions)
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"{name}: error: {one_line(where + (e.strerror or str(e)))}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether `e` says that memory ran out (torch's CPU allocator, a CUDA GPU, or Python itself)."""
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(e) or "out of memory" in str(e).lower())
 
 
 if __name__ == "__main__":

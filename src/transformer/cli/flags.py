@@ -3,7 +3,11 @@
 Each function adds one flag, or one group of flags that always go together, to a parser;
 a flag name means the same in every command that has it. Training commands get their
 defaults per task with `parser.set_defaults`, so that a `--config` file can override
-them the same way (see `transformer.cli.config_file`).
+them the same way (see `transformer.cli._config_defaults`).
+
+Every number is checked when the arguments are parsed (`number`: its type and range), so a value
+out of range is one line naming the flag and the range (``--warmup -10: must be >= 0``) before any
+work starts; a --config file's values go through the same checks.
 """
 
 from __future__ import annotations
@@ -11,8 +15,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from transformer.cli.common import number
 from transformer.config import PRESETS, ModelConfig, preset
 from transformer.errors import UserError
+
+# The smallest --vocab-size: the 4 special tokens (pad, unk, bos, eos) and a few pieces.
+VOCAB_MIN = 8
+SEED_MAX = 2**32 - 1  # numpy's generators take seeds below 2**32
+
+
+def vocab_size(p, default: int | None, help: str) -> None:
+    p.add_argument("--vocab-size", type=number(int, VOCAB_MIN), default=default, help=help)
+
+
+def seed(p) -> None:
+    p.add_argument("--seed", type=number(int, 0, SEED_MAX), default=1,
+                   help="random seed (the same seed gives the same result)")
+
+
+def batch_size(p, default: int, help: str) -> None:
+    p.add_argument("--batch-size", type=number(int, 1), default=default, help=help)
 
 
 def device(p: argparse.ArgumentParser) -> None:
@@ -44,13 +66,13 @@ def model(p: argparse.ArgumentParser) -> None:
     """The model flags of every training command: a preset and overrides of its fields."""
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="small", help=f"one of: {', '.join(PRESETS)}")
-    g.add_argument("--d-model", type=int, help="override the preset's d_model")
-    g.add_argument("--n-heads", type=int, help="override the preset's number of heads")
-    g.add_argument("--d-ff", type=int, help="override the preset's FFN width")
-    g.add_argument("--layers", type=int, help="override the preset's depth (encoder and decoder)")
-    g.add_argument("--dropout", type=float, help="override the preset's dropout")
-    g.add_argument("--max-len", type=int, help="longest sequence in tokens")
-    g.add_argument("--attn-window", type=int, help="restricted self-attention radius r")
+    g.add_argument("--d-model", type=number(int, 1), help="override the preset's d_model")
+    g.add_argument("--n-heads", type=number(int, 1), help="override the preset's number of heads")
+    g.add_argument("--d-ff", type=number(int, 1), help="override the preset's FFN width")
+    g.add_argument("--layers", type=number(int, 1), help="override the preset's depth (encoder and decoder)")
+    g.add_argument("--dropout", type=number(float, 0, 1, below=True), help="override the preset's dropout")
+    g.add_argument("--max-len", type=number(int, 1), help="longest sequence in tokens")
+    g.add_argument("--attn-window", type=number(int, 0), help="restricted self-attention radius r")
     g.add_argument("--norm-first", action="store_true", help="pre-norm blocks instead of the paper's post-norm")
     g.add_argument("--positions", choices=["sinusoidal", "learned"], help="override the preset's positions")
 
@@ -72,26 +94,30 @@ def loop(p: argparse.ArgumentParser) -> None:
                                     "flags on the command line override it")
     p.add_argument("--out", help="run directory (the best model is written at its top)")
     g = p.add_argument_group("optimisation (Adam or AdamW, linear warm-up, then a schedule)")
-    g.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
-    g.add_argument("--max-minutes", type=float, help="stop after this much wall-clock time (whole run)")
-    g.add_argument("--update-freq", type=int, default=1, help="batches accumulated per optimiser step")
-    g.add_argument("--lr", type=float, help="peak learning rate (translation: default the paper's (d_model*warmup)^-0.5)")
-    g.add_argument("--lr-scale", type=float, default=1.0, help="multiplies the peak learning rate")
+    g.add_argument("--max-steps", type=number(int, 1), help="stop after this many optimiser steps")
+    g.add_argument("--max-minutes", type=number(float, 0, above=True),
+                   help="stop after this much wall-clock time (whole run)")
+    g.add_argument("--update-freq", type=number(int, 1), default=1, help="batches accumulated per optimiser step")
+    g.add_argument("--lr", type=number(float, 0, above=True),
+                   help="peak learning rate (translation: default the paper's (d_model*warmup)^-0.5)")
+    g.add_argument("--lr-scale", type=number(float, 0, above=True), default=1.0,
+                   help="multiplies the peak learning rate")
     g.add_argument("--schedule", choices=["inverse-sqrt", "cosine", "constant"],
                    help="after warm-up: the paper's inverse square root, cosine decay to --min-lr, or constant")
-    g.add_argument("--warmup", type=int, help="linear warm-up steps")
-    g.add_argument("--decay-steps", type=int, help="cosine: step where --min-lr is reached (default: --max-steps)")
-    g.add_argument("--min-lr", type=float, help="cosine: final learning rate (default: peak / 10)")
-    g.add_argument("--beta2", type=float, help="Adam beta2")
-    g.add_argument("--adam-eps", type=float, help="Adam epsilon")
-    g.add_argument("--weight-decay", type=float, help="decoupled weight decay of the matrices (0 = Adam)")
-    g.add_argument("--clip-norm", type=float, help="clip the gradient norm to this (0 = off)")
-    g.add_argument("--seed", type=int, default=1, help="random seed")
+    g.add_argument("--warmup", type=number(int, 0), help="linear warm-up steps")
+    g.add_argument("--decay-steps", type=number(int, 1),
+                   help="cosine: step where --min-lr is reached (default: --max-steps)")
+    g.add_argument("--min-lr", type=number(float, 0), help="cosine: final learning rate (default: peak / 10)")
+    g.add_argument("--beta2", type=number(float, 0, 1, below=True), help="Adam beta2")
+    g.add_argument("--adam-eps", type=number(float, 0, above=True), help="Adam epsilon")
+    g.add_argument("--weight-decay", type=number(float, 0), help="decoupled weight decay of the matrices (0 = Adam)")
+    g.add_argument("--clip-norm", type=number(float, 0), help="clip the gradient norm to this (0 = off)")
+    seed(g)
     precision(g)
     r = p.add_argument_group("run")
-    r.add_argument("--valid-every", type=int, help="steps between validations and checkpoints")
-    r.add_argument("--keep-last", type=int, help="checkpoints kept")
-    r.add_argument("--log-every", type=int, default=50, help="steps between log records")
+    r.add_argument("--valid-every", type=number(int, 1), help="steps between validations and checkpoints")
+    r.add_argument("--keep-last", type=number(int, 1), help="checkpoints kept")
+    r.add_argument("--log-every", type=number(int, 1), default=50, help="steps between log records")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     device(r)
     progress(r)
@@ -126,10 +152,10 @@ def search(p: argparse.ArgumentParser) -> None:
     """Beam search and the decoding runtime (translate, evaluate)."""
     g = p.add_argument_group("search")
     beam(g)
-    g.add_argument("--max-len-a", type=float, default=1.0, help="max output length = a*|source| + b")
-    g.add_argument("--max-len-b", type=int, default=50, help="max output length = a*|source| + b")
-    g.add_argument("--min-len", type=int, default=0, help="no end of sentence before this many tokens")
-    g.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
+    g.add_argument("--max-len-a", type=number(float, 0), default=1.0, help="max output length = a*|source| + b")
+    g.add_argument("--max-len-b", type=number(int, 0), default=50, help="max output length = a*|source| + b")
+    g.add_argument("--min-len", type=number(int, 0), default=0, help="no end of sentence before this many tokens")
+    batch_size(g, 64, "sentences per batch")
     g.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="int8: dynamic int8 quantization of the linear layers (CPU; faster at large batches)")
     g.add_argument("--compile", action="store_true",
@@ -138,8 +164,8 @@ def search(p: argparse.ArgumentParser) -> None:
 
 
 def beam(p) -> None:
-    p.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy")
-    p.add_argument("--alpha", type=float, default=0.6, help="length penalty ((5+|Y|)/6)^alpha")
+    p.add_argument("--beam", type=number(int, 1), default=4, help="beam size; 1 = greedy")
+    p.add_argument("--alpha", type=number(float, 0), default=0.6, help="length penalty ((5+|Y|)/6)^alpha")
 
 
 def search_config(args: argparse.Namespace):
@@ -152,6 +178,10 @@ def search_config(args: argparse.Namespace):
         raise UserError(str(e)) from None
 
 
+ARCH_NAMES = {"encoder-decoder": "a translation model", "decoder": "a decoder-only language model",
+              "encoder": "a BERT-style encoder"}
+
+
 def load(args: argparse.Namespace):
     """(model, model config, tokenizer, meta) of --model, on --device."""
     from transformer.training.checkpoint import load_model_dir
@@ -159,3 +189,9 @@ def load(args: argparse.Namespace):
 
     required(args, "model")
     return load_model_dir(Path(args.model), resolve_device(args.device))
+
+
+def require_arch(args: argparse.Namespace, cfg: ModelConfig, arch: str) -> None:
+    """`UserError` unless the model of --model (config `cfg`) has the architecture the command needs."""
+    if cfg.arch != arch:
+        raise UserError(f"{args.model}: not {ARCH_NAMES[arch]} (arch {cfg.arch!r})")

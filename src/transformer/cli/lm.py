@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from transformer.cli import flags
-from transformer.cli.common import command, say
+from transformer.cli.common import command, number, say
 from transformer.errors import UserError
 
 # nanoGPT's recipe: AdamW, short warm-up, cosine decay.
@@ -55,8 +55,7 @@ def _sample(args: argparse.Namespace) -> None:
     from transformer.tasks.lm import generate
 
     model, cfg, tokenizer, _ = flags.load(args)
-    if cfg.arch != "decoder":
-        raise UserError(f"{args.model}: not a decoder-only language model (arch {cfg.arch!r})")
+    flags.require_arch(args, cfg, "decoder")
     prompt = unescape(args.prompt) if args.escapes else args.prompt
     text = generate(model, tokenizer, prompt, args.tokens, args.temperature, args.top_k, args.top_p, args.seed)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -67,20 +66,23 @@ def register(sub) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--text", help="training text (UTF-8); its last --valid-fraction is held out")
     data.add_argument("--vocab", default="char", choices=["char", "bpe"], help="one token per character, or BPE")
-    data.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary size (with --vocab bpe)")
-    data.add_argument("--valid-fraction", type=float, default=0.1, help="the last part of the text held out")
-    data.add_argument("--block-size", type=int, default=64, help="context length in tokens")
-    data.add_argument("--batch-size", type=int, default=12, help="sequences (windows) per batch")
-    data.add_argument("--eval-batches", type=int, default=50, help="validation batches (fixed) per evaluation")
+    flags.vocab_size(data, 1000, "BPE vocabulary size (with --vocab bpe)")
+    data.add_argument("--valid-fraction", type=number(float, 0, 1, above=True, below=True), default=0.1,
+                      help="the last part of the text held out")
+    data.add_argument("--block-size", type=number(int, 1), default=64, help="context length in tokens")
+    flags.batch_size(data, 12, "sequences (windows) per batch")
+    data.add_argument("--eval-batches", type=number(int, 1), default=50,
+                      help="validation batches (fixed) per evaluation")
     flags.training(p, TRAIN_DEFAULTS)
 
     p = command(sub, "sample", _sample, "Continue a prompt with a trained language model.")
     flags.model_dir(p)
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--escapes", action="store_true", help="interpret backslash escapes such as \\n in --prompt")
-    p.add_argument("--tokens", type=int, default=500, help="number of tokens to generate")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (1 = greedy)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling: the most likely tokens with mass p")
-    p.add_argument("--seed", type=int, default=1, help="random seed (the same seed gives the same text)")
+    p.add_argument("--tokens", type=number(int, 0), default=500, help="number of tokens to generate")
+    p.add_argument("--temperature", type=number(float, 0), default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=number(int, 1), help="sample among the k most likely tokens (1 = greedy)")
+    p.add_argument("--top-p", type=number(float, 0, 1, above=True),
+                   help="nucleus sampling: the most likely tokens with mass p")
+    flags.seed(p)
     flags.device(p)

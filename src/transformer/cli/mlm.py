@@ -6,8 +6,10 @@ import argparse
 from pathlib import Path
 
 from transformer.cli import flags
-from transformer.cli.common import command, say
+from transformer.cli.common import command, number, say
 from transformer.errors import UserError
+
+MIN_LEN = 3  # [CLS] token [SEP]
 
 # BERT's optimiser (AdamW, weight decay 0.01 in BERT; 0.1 here as for the LM) with a cosine decay.
 TRAIN_DEFAULTS = dict(preset="small", lr=5e-4, schedule="cosine", warmup=200, beta2=0.98, adam_eps=1e-8,
@@ -17,6 +19,9 @@ TRAIN_DEFAULTS = dict(preset="small", lr=5e-4, schedule="cosine", warmup=200, be
 def _train(args: argparse.Namespace) -> None:
     from transformer.tasks.mlm import MLMConfig, train_mlm
 
+    if args.max_len is not None and args.max_len < MIN_LEN:
+        raise UserError(f"--max-len {args.max_len}: must be >= {MIN_LEN} for a masked language model "
+                        "([CLS], at least one token, [SEP])")
     flags.required(args, "text")
     cfg = MLMConfig(
         text=Path(args.text), loop=flags.loop_config(args), valid=Path(args.valid) if args.valid else None,
@@ -29,8 +34,7 @@ def _fill(args: argparse.Namespace) -> None:
     from transformer.tasks.mlm import fill
 
     model, cfg, tokenizer, _ = flags.load(args)
-    if cfg.arch != "encoder":
-        raise UserError(f"{args.model}: not a BERT-style encoder (arch {cfg.arch!r})")
+    flags.require_arch(args, cfg, "encoder")
     for n, fillers in enumerate(fill(model, tokenizer, args.sentence, args.n_best), 1):
         print(f"[MASK] {n}: " + "  ".join(f"{word or '∅'} {p:.3f}" for word, p in fillers))
 
@@ -40,13 +44,14 @@ def register(sub) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--text", help="training sentences (UTF-8), one per line")
     data.add_argument("--valid", help="validation sentences (default: the last 5%% of --text)")
-    data.add_argument("--vocab-size", type=int, default=8000, help="BPE vocabulary size")
-    data.add_argument("--batch-size", type=int, default=128, help="sequences (sentences) per batch")
-    data.add_argument("--mask-prob", type=float, default=0.15, help="share of the tokens chosen for prediction")
+    flags.vocab_size(data, 8000, "BPE vocabulary size")
+    flags.batch_size(data, 128, "sequences (sentences) per batch")
+    data.add_argument("--mask-prob", type=number(float, 0, 1, above=True, below=True), default=0.15,
+                      help="share of the tokens chosen for prediction")
     flags.training(p, TRAIN_DEFAULTS)
 
     p = command(sub, "fill", _fill, "Print the most likely fillers of each [MASK] in a sentence.")
     flags.model_dir(p)
     p.add_argument("sentence", help='a sentence with [MASK], e.g. "a man [MASK] a horse ."')
-    p.add_argument("--n-best", type=int, default=5, help="fillers printed per [MASK]")
+    p.add_argument("--n-best", type=number(int, 1), default=5, help="fillers printed per [MASK]")
     flags.device(p)

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from transformer.cli.common import command
+from transformer.cli import flags
+from transformer.cli.common import command, writable_file, writable_folder
 from transformer.config import PRESETS, preset
 
 
@@ -29,6 +30,7 @@ def _params(args: argparse.Namespace) -> None:
 def _average(args: argparse.Namespace) -> None:
     from transformer.training.checkpoint import write_average
 
+    writable_folder(args.out, "--out")  # before reading any checkpoint
     write_average([Path(p) for p in args.models], Path(args.out))
     print(f"averaged {len(args.models)} checkpoints into {args.out}", file=sys.stderr)
 
@@ -36,6 +38,10 @@ def _average(args: argparse.Namespace) -> None:
 def _plot(args: argparse.Namespace) -> None:
     from transformer.report.plots import plot_training
 
+    if args.out:
+        writable_file(args.out, "--out", create_folders=True)
+    elif Path(args.run).is_dir():
+        writable_file(Path(args.run) / "curves.png", "--out", create_folders=True)
     for path in plot_training(Path(args.run), Path(args.out) if args.out else None):
         print(path)
 
@@ -43,7 +49,7 @@ def _plot(args: argparse.Namespace) -> None:
 def register(sub) -> None:
     p = command(sub, "params", _params, "Print parameter counts per component and in total.")
     p.add_argument("--preset", default="base", help=f"one of: {', '.join(PRESETS)}")
-    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default: the preset's)")
+    flags.vocab_size(p, None, "vocabulary size (default: the preset's)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
 
     p = command(sub, "average", _average, "Average the weights of checkpoints (the paper averages the last 5).")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from transformer.cli import flags
-from transformer.cli.common import command, say
+from transformer.cli.common import command, number, say, writable_file, writable_folder
 from transformer.errors import UserError
 
 # The paper's recipe (section 5).
@@ -38,6 +38,7 @@ def _train_config(args: argparse.Namespace):
         **{k: Path(v) for k, v in paths.items()}, loop=flags.loop_config(args), vocab_size=args.vocab_size,
         tokenizer_type=args.tokenizer, byte_fallback=args.byte_fallback, max_tokens=args.max_tokens,
         max_epochs=args.max_epochs, label_smoothing=args.label_smoothing, valid_bleu_lines=args.valid_bleu_lines,
+        too_long=args.too_long,
     )
 
 
@@ -65,7 +66,8 @@ def _translate_text(args: argparse.Namespace, lines: list[str], name: str) -> li
     from transformer.inference.translate import translate_lines
     from transformer.training.precision import resolve_precision
 
-    model, _, tokenizer, _ = flags.load(args)
+    model, cfg, tokenizer, _ = flags.load(args)
+    flags.require_arch(args, cfg, "encoder-decoder")
     precision, _ = resolve_precision(args.precision, next(model.parameters()).device)
     if precision != "fp32" or args.quantize != "none" or args.compile:
         try:
@@ -78,10 +80,15 @@ def _translate_text(args: argparse.Namespace, lines: list[str], name: str) -> li
 
 
 def _translate(args: argparse.Namespace) -> None:
+    if args.output:  # before any work: a translation is never lost to a path it cannot be written to
+        writable_file(args.output, "--output")
     lines, name = _read_input(args.input)
     text = "".join(h + "\n" for h in _translate_text(args, lines, name))
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"--output {args.output}: cannot write ({e.strerror or e})") from None
     else:
         sys.stdout.write(text)
         sys.stdout.flush()  # a closed pipe shows here, inside main, not at exit
@@ -109,7 +116,12 @@ def _attention(args: argparse.Namespace) -> None:
     from transformer.report.plots import plot_attention
 
     flags.required(args, "sentence")
-    model, _, tokenizer, _ = flags.load(args)
+    if args.out:
+        writable_folder(args.out, "--out")
+    elif args.model is not None and Path(args.model).is_dir():
+        writable_folder(Path(args.model) / "attention", "--out")
+    model, cfg, tokenizer, _ = flags.load(args)
+    flags.require_arch(args, cfg, "encoder-decoder")
     maps = attention_maps(model, tokenizer, args.sentence, args.target, SearchConfig(beam=args.beam, alpha=args.alpha))
     out = Path(args.out) if args.out else Path(args.model) / "attention"
     views = {  # kind (and file name): (title, query tokens, key tokens)
@@ -168,14 +180,18 @@ def register(sub) -> None:
     data.add_argument("--tgt-lang", default="de", help="target language suffix of the files in --data")
     for name in ("train-src", "train-tgt", "valid-src", "valid-tgt"):
         data.add_argument(f"--{name}", help=f"{name.replace('-', ' ')} file (instead of --data)")
-    data.add_argument("--vocab-size", type=int, default=8000, help="joint vocabulary size")
+    flags.vocab_size(data, 8000, "joint vocabulary size")
     data.add_argument("--tokenizer", default="bpe", choices=["bpe", "unigram"], help="sentencepiece model type")
     data.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
                       help="spell characters unseen in training as UTF-8 bytes instead of <unk> (256 vocabulary ids)")
-    data.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
-    data.add_argument("--max-epochs", type=int, help="stop after this many epochs")
-    data.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of label smoothing")
-    data.add_argument("--valid-bleu-lines", type=int, help="decode only the first N validation lines for BLEU")
+    data.add_argument("--max-tokens", type=number(int, 1), default=4096, help="padded tokens per batch")
+    data.add_argument("--too-long", choices=["skip", "error"], default="skip",
+                      help="a pair longer than --max-len or --max-tokens: skip it (and count it), or stop with an error")
+    data.add_argument("--max-epochs", type=number(int, 1), help="stop after this many epochs")
+    data.add_argument("--label-smoothing", type=number(float, 0, 1, below=True), default=0.1,
+                      help="epsilon of label smoothing")
+    data.add_argument("--valid-bleu-lines", type=number(int, 1),
+                      help="decode only the first N validation lines for BLEU")
     flags.training(p, TRAIN_DEFAULTS)
 
     p = command(sub, "translate", _translate, "Translate sentences from stdin (or --input) to stdout (or --output).")
@@ -208,6 +224,6 @@ def register(sub) -> None:
     p = command(sub, "quickstart", _quickstart,
                 "Train a small English->German model on the bundled Multi30k, then score it on test2016.")
     p.add_argument("--out", default="runs/quickstart", help="run directory")
-    p.add_argument("--minutes", type=float, default=10.0, help="training time budget")
+    p.add_argument("--minutes", type=number(float, 0, above=True), default=10.0, help="training time budget")
     p.add_argument("--resume", action="store_true", help="continue a previous quick start")
     flags.device(p)

@@ -15,7 +15,8 @@ def _pick(logits: Tensor, temperature: float, top_k: int | None, top_p: float | 
     """logits (B, V) -> next tokens (B,)."""
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.double()  # shifted to a maximum of 0, then divided in float64: no NaN at any T > 0
+    logits = ((logits - logits.max(dim=-1, keepdim=True).values) / temperature).float()
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -23,6 +24,7 @@ def _pick(logits: Tensor, temperature: float, top_k: int | None, top_p: float | 
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
         probs = sorted_logits.softmax(dim=-1)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # the tokens before already reach top_p
+        outside[:, 0] = False  # the most likely token always stays, however small top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 

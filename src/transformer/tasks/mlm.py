@@ -56,6 +56,10 @@ class MLMConfig:
     max_len: int = 128  # longest sequence, [CLS] and [SEP] included; longer sentences are cut
     mask_prob: float = 0.15
 
+    def __post_init__(self) -> None:
+        if self.max_len < 3:
+            raise UserError(f"--max-len {self.max_len}: an MLM sequence needs >= 3 positions ([CLS], a token, [SEP])")
+
     def to_dict(self) -> dict:
         """JSON-ready, without `loop` (the loop records itself)."""
         return {"text": str(self.text), "valid": None if self.valid is None else str(self.valid),

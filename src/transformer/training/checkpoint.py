@@ -43,6 +43,14 @@ either the old or the new checkpoint loadable, never a mix:
 `prune_checkpoints` renames a directory to ``.del-<name>`` before deleting it, so a
 half-deleted checkpoint is never listed. A reader running while another process
 rewrites the same directory is not supported.
+
+Failures. A write that fails (a full disk, a read-only folder) removes the temporary
+files and folders of that save and raises a `UserError` of one line naming the path and
+the problem (``runs/x/checkpoints/step_00000004: cannot write: No space left on device``);
+what was in force before stays in force. Only a save whose journal was already written
+leaves its ``.next`` files: they are the new checkpoint, put in place by the next save or
+by `tidy_run`. `tidy_run`, called when a training run starts, finishes or undoes
+whatever interrupted saves, atomic writes and deletions of a run left behind.
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -75,6 +83,11 @@ _NEXT = ".next"
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 
 
+def _cannot(path: Path, doing: str, error: OSError) -> UserError:
+    """The one-line error of a failed file operation: ``PATH: cannot DOING: reason``."""
+    return UserError(f"{path}: cannot {doing}: {error.strerror or error}")
+
+
 def _fsync_dir(path: Path) -> None:
     """Make the directory's entries (creations, renames, deletions) durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -92,18 +105,65 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that it holds either the old or the new content, even after a crash."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_file(tmp, data)
-    os.replace(tmp, path)
+def _discard(paths: Iterable[Path]) -> None:
+    """Delete what a failed save left, as far as possible: the save's own error is the one to report."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _is_tmp_file(name: str) -> bool:
+    """Whether `name` is the temporary of an atomic write (``.<file>.tmp-<pid>``)."""
+    return name.startswith(".") and ".tmp-" in name[1:]
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """`atomic_write_bytes` raising OSError, and leaving no temporary file when it fails."""
+    for stale in path.parent.glob(glob.escape(f".{path.name}.tmp-") + "*"):  # of a killed earlier write
+        stale.unlink(missing_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        _write_file(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        _discard([tmp])
+        raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that it holds either the old or the new content, even after a crash.
+
+    `UserError` ("PATH: cannot write: reason") when it fails; the old content then stays.
+    """
+    path = Path(path)
+    try:
+        _replace_file(path, data)
+    except OSError as e:
+        raise _cannot(path, "write", e) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """`atomic_write_bytes` of UTF-8 `text`."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append `text` to the file `path` (a log); `UserError` naming it when that fails.
+
+    Not atomic: a crash may leave the last line cut short, which readers of a log skip.
+    """
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise _cannot(path, "write", e) from None
 
 
 def _state_bytes(model: nn.Module) -> bytes:
@@ -190,6 +250,57 @@ def _finish_journal(path: Path) -> None:
     _fsync_dir(path)
 
 
+def _config_bytes(cfg: ModelConfig, meta: dict | None) -> bytes:
+    return json.dumps({"model": cfg.to_dict(), "meta": meta or {}}, indent=2).encode("utf-8")
+
+
+def _replace_files(path: Path, files: dict[str, bytes]) -> None:
+    """Replace the files of the existing model directory `path` through the journal (module docstring)."""
+    _finish_journal(path)
+    try:
+        for name, data in files.items():
+            _write_file(path / (name + _NEXT), data)
+        _fsync_dir(path)
+        _replace_file(path / _JOURNAL, json.dumps(sorted(files)).encode("utf-8"))
+    except BaseException:
+        try:
+            committed = _journal(path) is not None
+        except (OSError, ValueError):
+            committed = True  # cannot tell: leave the files to the next save, which can
+        if not committed:  # the old files stay in force: the new ones are only litter
+            _discard(path / (name + _NEXT) for name in files)
+        raise
+    _finish_journal(path)
+
+
+def _create_dir(path: Path, files: dict[str, bytes]) -> None:
+    """Build the new model directory `path` beside it and rename it into place (module docstring)."""
+    for stale in path.parent.glob(glob.escape(f".tmp-{path.name}-") + "*"):  # of a killed earlier save
+        shutil.rmtree(stale)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+        for name, data in files.items():
+            _write_file(tmp / name, data)
+        _fsync_dir(tmp)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _save_files(path: Path, files: dict[str, bytes]) -> None:
+    """Write the model directory `path` holding exactly `files`; `UserError` naming it when that fails."""
+    try:
+        if path.is_dir():
+            _replace_files(path, files)
+        else:
+            _create_dir(path, files)
+    except OSError as e:
+        raise _cannot(path, "write", e) from None
+
+
 def save_model_dir(
     path: Path,
     model: nn.Module,
@@ -202,34 +313,37 @@ def save_model_dir(
 
     `meta` (JSON-serialisable) is stored in config.json and returned by `load_model_dir`;
     `train_state` is stored as train_state.pt and returned by `load_train_state`.
+    A failure raises `UserError` ("PATH: cannot write: reason") and leaves the old directory in force.
     """
-    path = Path(path)
-    files = {
-        CONFIG: json.dumps({"model": cfg.to_dict(), "meta": meta or {}}, indent=2).encode("utf-8"),
-        TOKENIZER: tokenizer_bytes,
-        WEIGHTS: _state_bytes(model),
-    }
+    files = {CONFIG: _config_bytes(cfg, meta), TOKENIZER: tokenizer_bytes, WEIGHTS: _state_bytes(model)}
     if train_state is not None:
         buffer = io.BytesIO()
         torch.save(train_state, buffer)
         files[TRAIN_STATE] = buffer.getvalue()
-    if path.is_dir():
-        _finish_journal(path)
-        for name, data in files.items():
-            _write_file(path / (name + _NEXT), data)
-        _fsync_dir(path)
-        atomic_write_text(path / _JOURNAL, json.dumps(sorted(files)))
-        _finish_journal(path)
-    else:
-        for stale in path.parent.glob(glob.escape(f".tmp-{path.name}-") + "*"):
-            shutil.rmtree(stale)
-        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-        tmp.mkdir(parents=True)
-        for name, data in files.items():
-            _write_file(tmp / name, data)
-        _fsync_dir(tmp)
-        os.rename(tmp, path)
-        _fsync_dir(path.parent)
+    _save_files(Path(path), files)
+
+
+def copy_model_dir(src: Path, dst: Path, meta: dict | None = None) -> None:
+    """Write (or replace) the model directory `dst` with the model of `src` (config, tokenizer and the
+    weights byte for byte; no train state) and `meta`."""
+    src = Path(src)
+    cfg, _ = _read_config(src)
+    files = {CONFIG: _config_bytes(cfg, meta)}
+    for name in (TOKENIZER, WEIGHTS):
+        file = _need(src, name)
+        try:
+            files[name] = file.read_bytes()
+        except OSError as e:
+            raise _cannot(file, "read", e) from None
+    _save_files(Path(dst), files)
+
+
+def read_meta(path: Path) -> dict[str, Any] | None:
+    """The meta dict of the model directory `path`, or None when `path` holds no model."""
+    path = Path(path)
+    if not path.is_dir() or _resolve(path, CONFIG) is None:
+        return None
+    return _read_config(path)[1]
 
 
 def _need(path: Path, name: str) -> Path:
@@ -253,6 +367,8 @@ def _read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise UserError(f"{path / CONFIG}: invalid JSON ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise UserError(f'{path / CONFIG}: no "model" section')
+    if not isinstance(data.get("meta", {}), dict):
+        raise UserError(f'{path / CONFIG}: "meta" is not an object')
     try:
         return ModelConfig.from_dict(data["model"]), data.get("meta", {})
     except (UserError, TypeError, ValueError) as e:
@@ -305,31 +421,76 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all checkpoints of the run but the newest `keep` (and leftovers of interrupted deletes)."""
+    """Delete all checkpoints of the run but the newest `keep` (and leftovers of interrupted deletes).
+
+    `UserError` ("PATH: cannot delete: reason") when a deletion fails.
+    """
     checkpoints = list_checkpoints(run_dir)
-    for stale in (Path(run_dir) / "checkpoints").glob(".del-*"):
-        shutil.rmtree(stale)
-    for old in checkpoints[: max(len(checkpoints) - keep, 0)]:
-        trash = old.with_name(".del-" + old.name)
-        os.rename(old, trash)
-        shutil.rmtree(trash)
+    doomed = Path(run_dir) / "checkpoints"
+    try:
+        for doomed in (Path(run_dir) / "checkpoints").glob(".del-*"):
+            shutil.rmtree(doomed)
+        for doomed in checkpoints[: max(len(checkpoints) - keep, 0)]:
+            trash = doomed.with_name(".del-" + doomed.name)
+            os.rename(doomed, trash)
+            shutil.rmtree(trash)
+    except OSError as e:
+        raise _cannot(doomed, "delete", e) from None
+
+
+def _leftovers(path: Path) -> bool:
+    """Whether model directory `path` holds a journal, ``.next`` files or temporaries of an interrupted save."""
+    return (path / _JOURNAL).exists() or any(
+        name.endswith(_NEXT) or _is_tmp_file(name) for name in os.listdir(path))
+
+
+def tidy_run(run_dir: Path) -> None:
+    """Finish or undo what interrupted saves left in the run directory `run_dir`.
+
+    In RUN/ and each checkpoint: a written journal is carried out, uncommitted ``.next``
+    files and temporaries of atomic writes (``.<file>.tmp-<pid>``) are deleted; under
+    checkpoints/, half-built (``.tmp-*``) and half-deleted (``.del-*``) directories go.
+    Does nothing (and writes nothing) when there is nothing to do. `UserError` naming
+    the path when a deletion fails.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        return
+    path = run
+    try:
+        for path in (run, *list_checkpoints(run)):
+            if _leftovers(path):
+                _finish_journal(path)
+                for name in os.listdir(path):
+                    if _is_tmp_file(name) and (path / name).is_file():
+                        (path / name).unlink()
+        root = run / "checkpoints"
+        if root.is_dir():
+            for path in sorted(root.iterdir()):
+                if path.name.startswith((".tmp-", ".del-")) and path.is_dir():
+                    shutil.rmtree(path)
+    except OSError as e:
+        raise _cannot(path, "clean up", e) from None
 
 
 def average_checkpoints(paths: Sequence[Path]) -> dict[str, Tensor]:
     """Parameter-wise mean of the weights saved in model directories `paths`: a full state_dict.
 
     Sums in fp32 and casts back to each tensor's saved dtype. Tied names map to one tensor.
-    `UserError` if the checkpoints' configs, tensor names or shapes differ.
+    `UserError` naming two of the paths if their configs, tokenizers, tensor names or shapes differ.
     """
     if not paths:
         raise UserError("no checkpoints to average")
     first = Path(paths[0])
     cfg, _ = _read_config(first)
+    tokenizer = _read_bytes(_need(first, TOKENIZER))
     template, aliases = _read_state(_need(first, WEIGHTS))
     sums = {k: t.to(torch.float32, copy=True) for k, t in template.items()}
     for path in map(Path, paths[1:]):
         if _read_config(path)[0] != cfg:
-            raise UserError(f"{path}: model config differs from {first}'s")
+            raise UserError(f"{path}: model config differs from {first}'s; only checkpoints of one run can be averaged")
+        if _read_bytes(_need(path, TOKENIZER)) != tokenizer:
+            raise UserError(f"{path}: tokenizer differs from {first}'s; only checkpoints of one run can be averaged")
         tensors, _ = _read_state(_need(path, WEIGHTS))
         if {k: t.shape for k, t in tensors.items()} != {k: t.shape for k, t in template.items()}:
             raise UserError(f"{path}: tensor names or shapes differ from {first}'s")
@@ -339,15 +500,39 @@ def average_checkpoints(paths: Sequence[Path]) -> dict[str, Tensor]:
     return mean | {a: mean[s] for a, s in aliases.items()}
 
 
+def _read_bytes(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as e:
+        raise _cannot(file, "read", e) from None
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return a.resolve() == b.resolve()
+
+
 def write_average(paths: Sequence[Path], out_dir: Path) -> None:
     """Write a model directory (no train_state) with the average of `paths`' weights.
 
-    Config and tokenizer come from the first; its meta gains ``averaged_from``.
+    Config and tokenizer come from the first; its meta gains ``averaged_from``. Refuses
+    (`UserError`) an `out_dir` that is one of `paths` or any other training checkpoint
+    (one with a train state): writing it would replace that model and drop its training state.
     """
+    out_dir = Path(out_dir)
+    for path in map(Path, paths):
+        if _same_dir(path, out_dir):
+            raise UserError(f"{out_dir}: --out is one of the checkpoints to average ({path}); writing it would "
+                            "replace that checkpoint and drop its training state; choose another --out")
+    if out_dir.is_dir() and _resolve(out_dir, TRAIN_STATE) is not None:
+        raise UserError(f"{out_dir}: --out is a training checkpoint (it has {TRAIN_STATE}); writing it would "
+                        "replace that checkpoint and drop its training state; choose another --out")
     mean = average_checkpoints(paths)
     first = Path(paths[0])
     cfg, meta = _read_config(first)
     model = build_model(cfg)
     model.load_state_dict(mean)
     meta = meta | {"averaged_from": [str(p) for p in paths]}
-    save_model_dir(Path(out_dir), model, cfg, _need(first, TOKENIZER).read_bytes(), meta=meta)
+    save_model_dir(out_dir, model, cfg, _read_bytes(_need(first, TOKENIZER)), meta=meta)

@@ -13,6 +13,12 @@ order `Trainer.step` reads:
 
 Resume is exact: a checkpoint holds the optimiser, scheduler and RNG states (of every
 process) and the step, and the batch of a step depends only on (seed, step).
+
+Nothing is lost to a crash. A run killed (or failing) at any file operation resumes from
+its newest checkpoint and logs what an uninterrupted run logs: `Trainer.run` first tidies
+what interrupted saves left (`checkpoint.tidy_run`), drops log records after the
+checkpoint, and puts the best model back in place if the crash came between a checkpoint
+and the copy of its model to the top of the run directory (`Trainer.restore_best`).
 """
 
 from __future__ import annotations
@@ -101,16 +107,22 @@ def _set_rng_state(state: dict) -> None:
 
 def _trim_log(path: Path, step: int) -> None:
     """Drop log records after `step` (written by a run that died after its last checkpoint)."""
-    if not path.exists():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             if json.loads(line).get("step", 0) <= step:
                 kept.append(line)
-        except ValueError:  # a line cut short by a kill
+        except (ValueError, AttributeError):  # a line cut short by a kill
             continue
-    ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
+    trimmed = "".join(line + "\n" for line in kept)
+    if trimmed != text:
+        ckpt.atomic_write_text(path, trimmed)
 
 
 def _quiet(message: str) -> None:
@@ -145,6 +157,7 @@ class Trainer:
         self._check_ranks_agree()
         self.optimizer, self.scheduler = optimizer or make_optimizer(model, cfg.optim)
         self.step, self.best, self.elapsed = 0, None, 0.0
+        self.best_step: int | None = None  # the step of the best validation, whose model is at the top of the run
         self.meta = meta | ({"processes": world.world_size} if world.active else {})
         self.ddp = None
         if world.active:
@@ -180,6 +193,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.best, self.elapsed = state["step"], state["best"], state["elapsed_s"]
+        self.best_step = state.get("best_step")  # None in checkpoints of older versions
         ranks = state.get("rng_ranks")
         if ranks is not None and len(ranks) == world.world_size:
             _set_rng_state(ranks[world.rank])
@@ -251,21 +265,50 @@ class Trainer:
                  + f" ({self.elapsed:.0f} s)")
         value = metrics[self.objective.best_metric]
         improved = self.best is None or (value > self.best if self.objective.higher_is_better else value < self.best)
-        self.best = value if improved else self.best
+        if improved:
+            self.best, self.best_step = value, self.step
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng,
-                 "step": self.step, "best": self.best, "elapsed_s": self.elapsed}
+                 "step": self.step, "best": self.best, "best_step": self.best_step, "elapsed_s": self.elapsed}
         if rng_ranks is not None:
             state["rng_ranks"] = rng_ranks
+        # The order matters (see `restore_best`): when this validation is the best, its checkpoint is the
+        # newest one, which pruning keeps, until the copy of its model at the top of the run is complete.
         ckpt.save_model_dir(ckpt.checkpoint_dir(out, self.step), self.model, self.model_cfg, self.tokenizer_bytes,
                             state, self.meta)
         ckpt.prune_checkpoints(out, self.cfg.keep_last)
         if improved:
-            best_meta = self.meta | {"best": {"step": self.step, self.objective.best_metric: value}}
-            ckpt.save_model_dir(out, self.model, self.model_cfg, self.tokenizer_bytes, meta=best_meta)
+            ckpt.save_model_dir(out, self.model, self.model_cfg, self.tokenizer_bytes, meta=self._best_meta())
+
+    def _best_meta(self) -> dict:
+        return self.meta | {"best": {"step": self.best_step, self.objective.best_metric: self.best}}
+
+    def restore_best(self) -> None:
+        """Put the best model back at the top of the run directory if a crash kept it from getting there.
+
+        A validation that improves writes its checkpoint (whose train state names it as
+        `best_step`), prunes, then copies its model to the top; a run killed or failing in
+        between resumes from that very checkpoint, the newest. Resuming, the top's
+        config.json names another step (or the top holds no model yet): copy the model of
+        checkpoint `best_step`, which is still there. It is, always: pruning keeps the newest
+        checkpoint, and a later checkpoint is only written once the top holds the best model
+        (this process copied it, or this method did at the start of the run). Process 0 only.
+        """
+        out = Path(self.cfg.out)
+        if self.best_step is None:
+            return
+        meta = ckpt.read_meta(out)
+        if meta is not None and (meta.get("best") or {}).get("step") == self.best_step:
+            return
+        source = ckpt.checkpoint_dir(out, self.best_step)
+        if not source.is_dir():  # only when someone deleted it: the next improvement replaces the top
+            self.say(f"warning: {out} does not hold the best model (step {self.best_step}) and its checkpoint "
+                     f"is gone; the model there stays until the next better validation")
+            return
+        self.say(f"{out}: the best model (step {self.best_step}) was not in place; copied it from {source}")
+        ckpt.copy_model_dir(source, out, self._best_meta())
 
     def log(self, record: dict) -> None:
-        with (Path(self.cfg.out) / LOG).open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        ckpt.append_text(Path(self.cfg.out) / LOG, json.dumps(record) + "\n")
 
     def done(self) -> bool:
         cfg = self.cfg
@@ -276,8 +319,14 @@ class Trainer:
         """Steps until `done`, then a last validation and checkpoint unless the last step had them."""
         cfg, world, out = self.cfg, self.world, Path(self.cfg.out)
         if world.main:
-            out.mkdir(parents=True, exist_ok=True)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"{out}: cannot create: {e.strerror or e}") from None
+            ckpt.tidy_run(out)  # what a killed or failed run left: its journals and temporaries
             _trim_log(out / LOG, self.step)
+            self.restore_best()
+            ckpt.prune_checkpoints(out, self.cfg.keep_last)  # a run killed before its last prune
         self.model.train()
         run_start = time.perf_counter() - self.elapsed  # wall-clock, validation included, across resumes
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", disable=not (cfg.progress and world.main),
