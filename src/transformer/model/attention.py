@@ -7,6 +7,10 @@ Padding masks are built by `padding_mask` as (B, 1, 1, T_k); causal and local
 (restricted) masks by `self_attention_mask` as (T_q, T_k). A query row whose keys
 are all masked gets an output of zeros and weights of zeros, never NaN.
 Sequences are right-padded: real tokens first, padding after.
+
+`MultiHeadAttention` may also be told the structure of self-attention (`window=r`,
+`causal=True`) with only the key padding mask; a long windowed self-attention then
+takes the blocked path of `window.py`, linear in T instead of T².
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.model.cache import LayerCache
+from transformer.model.window import use_windowed, windowed_attention
 
 
 def scaled_dot_product_attention(
@@ -109,6 +114,8 @@ class MultiHeadAttention(nn.Module):
         mask: Tensor | None = None,
         cache: LayerCache | None = None,
         need_weights: bool = False,
+        window: int | None = None,
+        causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """Attend from x (B, T, d_model) to itself, or to `memory` (B, S, d_model).
 
@@ -117,7 +124,24 @@ class MultiHeadAttention(nn.Module):
         of `memory` are computed on the first call and reused after (memory may then
         be any tensor; it is not read again). Returns (B, T, d_model) and the weights
         (B, H, T, T_k) when `need_weights`.
+
+        `mask` is the whole mask, as built by the caller, unless self-attention is given
+        its structure: with `window` (radius r, |i - j| <= r) or `causal`, `mask` is only
+        the key padding mask (B, 1, 1, T_k) or None, and the band/causal part is built
+        here. Then, without a cache or `need_weights` and for T long enough
+        (`use_windowed`), a window takes the blocked path of `window.py`, linear in T;
+        otherwise the dense masked path, as before.
         """
+        if memory is None and (window is not None or causal):
+            if cache is None and not need_weights and use_windowed(x.size(1), window):
+                q, k, v = self.in_proj(x).split(x.size(-1), dim=-1)
+                q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, T, D)
+                dropout_p = self.attn_dropout if self.training else 0.0
+                out = windowed_attention(q, k, v, window, causal, mask, dropout_p)
+                return self.out_proj(out.transpose(1, 2).reshape(x.shape)), None
+            past = cache.length if cache is not None else 0
+            structure = self_attention_mask(x.size(1), past + x.size(1), causal, window, device=x.device)
+            mask = structure if mask is None else mask & structure
         d = x.size(-1)
         w, b = self.in_proj.weight, self.in_proj.bias
         if memory is None:

@@ -84,13 +84,19 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout)
+        self.window = cfg.attn_window
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff)
         self.res_attn = Residual(cfg)
         self.res_ffn = Residual(cfg)
 
     def forward(self, x: Tensor, mask: Tensor | None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """x (B, S, d_model), mask (B, 1, S or 1, S). Returns x and weights (B, H, S, S) or None."""
-        x, weights = self.res_attn(x, lambda h: self.self_attn(h, mask=mask, need_weights=need_weights))
+        """x (B, S, d_model), mask: the padding mask (B, 1, 1, S) or None (the window is added by attention).
+
+        Returns x and weights (B, H, S, S) or None.
+        """
+        x, weights = self.res_attn(
+            x, lambda h: self.self_attn(h, mask=mask, need_weights=need_weights, window=self.window)
+        )
         x, _ = self.res_ffn(x, lambda h: (self.ffn(h), None))
         return x, weights
 
@@ -101,6 +107,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, cross: bool = True) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout)
+        self.window = cfg.attn_window
         self.res_self = Residual(cfg)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout) if cross else None
         self.res_cross = Residual(cfg) if cross else None
@@ -122,7 +129,10 @@ class DecoderLayer(nn.Module):
         Returns x and the self- and cross-attention weights ((B, H, T, T_k), (B, H, T, S)) or None.
         """
         x, self_w = self.res_self(
-            x, lambda h: self.self_attn(h, mask=self_mask, cache=self_cache, need_weights=need_weights)
+            x,
+            lambda h: self.self_attn(
+                h, mask=self_mask, cache=self_cache, need_weights=need_weights, window=self.window, causal=True
+            ),
         )
         cross_w = None
         if self.cross_attn is not None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.config import ModelConfig
-from transformer.model.attention import padding_mask, self_attention_mask
+from transformer.model.attention import padding_mask
 from transformer.model.cache import KVCache
 from transformer.model.layers import DecoderLayer, EncoderLayer, PositionalEncoding
 
@@ -50,16 +50,11 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_first else None
-        self.window = cfg.attn_window
 
     def forward(self, x: Tensor, pad_mask: Tensor, attn_weights: AttnWeights | None = None) -> Tensor:
         """x (B, S, d_model), pad_mask (B, 1, 1, S) -> (B, S, d_model)"""
-        mask = pad_mask
-        local = self_attention_mask(x.size(1), x.size(1), causal=False, window=self.window, device=x.device)
-        if local is not None:
-            mask = mask & local
-        for layer in self.layers:
-            x, w = layer(x, mask, need_weights=attn_weights is not None)
+        for layer in self.layers:  # the layers add the window (attn_window) to the padding mask
+            x, w = layer(x, pad_mask, need_weights=attn_weights is not None)
             if attn_weights is not None:
                 attn_weights.setdefault("encoder", []).append(w)
         return self.norm(x) if self.norm is not None else x
@@ -72,7 +67,6 @@ class Decoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(cfg, cross) for _ in range(cfg.n_decoder_layers))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_first else None
-        self.window = cfg.attn_window
 
     def forward(
         self,
@@ -83,13 +77,10 @@ class Decoder(nn.Module):
         attn_weights: AttnWeights | None = None,
     ) -> Tensor:
         """x (B, T, d_model) follows `cache.length` cached positions; memory (B, S, d_model)."""
-        past = cache.length if cache is not None else 0
-        t = x.size(1)
-        self_mask = self_attention_mask(t, past + t, causal=True, window=self.window, device=x.device)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers):  # the layers' self-attention is causal (and windowed)
             x, self_w, cross_w = layer(
                 x,
-                self_mask,
+                None,
                 memory,
                 memory_mask,
                 self_cache=cache.self_attn[i] if cache is not None else None,
