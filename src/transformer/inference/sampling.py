@@ -45,7 +45,9 @@ def sample(
     Temperature 0 or top_k 1 is greedy (argmax). The prompt goes through the model in
     one call, then one token per step, with the KV cache. With `eos_id`, a row is
     padded with cfg.pad_id after its EOS and sampling stops when every row has one.
-    Raises ValueError when T + max_new_tokens exceeds the model's max_len.
+    Raises ValueError when T + max_new_tokens exceeds the model's max_len. With a window
+    (cfg.attn_window = r) the cache keeps only the last r + 1 positions of each layer, so
+    its memory does not grow with max_new_tokens.
     """
     if prompt.size(1) + max_new_tokens > model.cfg.max_len:
         raise ValueError(

@@ -120,9 +120,13 @@ class MultiHeadAttention(nn.Module):
         """Attend from x (B, T, d_model) to itself, or to `memory` (B, S, d_model).
 
         Self-attention when `memory` is None: with a cache, this step's keys/values
-        are appended to it. Cross-attention otherwise: with a cache, the keys/values
-        of `memory` are computed on the first call and reused after (memory may then
-        be any tensor; it is not read again). Returns (B, T, d_model) and the weights
+        are appended to it; with a window and `causal` (a decoder), the cache keeps only
+        the last r + 1 positions (`LayerCache.append_window`), the keys this step's
+        queries may see; then `mask` must be None and the weights (B, H, T, n) cover
+        those n kept keys only (in ring order for T = 1 once r + 1 are kept).
+        Cross-attention otherwise: with a cache, the keys/values of `memory` are computed
+        on the first call and reused after (memory may then be any tensor; it is not read
+        again). Returns (B, T, d_model) and the weights
         (B, H, T, T_k) when `need_weights`.
 
         `mask` is the whole mask, as built by the caller, unless self-attention is given
@@ -139,16 +143,20 @@ class MultiHeadAttention(nn.Module):
                 dropout_p = self.attn_dropout if self.training else 0.0
                 out = windowed_attention(q, k, v, window, causal, mask, dropout_p)
                 return self.out_proj(out.transpose(1, 2).reshape(x.shape)), None
-            past = cache.length if cache is not None else 0
-            structure = self_attention_mask(x.size(1), past + x.size(1), causal, window, device=x.device)
-            mask = structure if mask is None else mask & structure
         d = x.size(-1)
         w, b = self.in_proj.weight, self.in_proj.bias
         if memory is None:
             q, k, v = self.in_proj(x).split(d, dim=-1)
             q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, T, D)
-            if cache is not None:
-                k, v = cache.append(k, v)
+            if cache is not None and window is not None and causal:  # a ring of the last r + 1 positions
+                if cache.bounded and mask is not None and mask.size(-1) != 1:
+                    raise ValueError("a bounded (windowed) cache takes no key padding mask")
+                k, v = cache.append_window(k, v, window)  # (B, H, n, D), n <= r + T
+            elif cache is not None:
+                k, v = cache.append(k, v)  # (B, H, length, D)
+            if window is not None or causal:  # the queries are the last T of the n keys
+                structure = self_attention_mask(x.size(1), k.size(2), causal, window, device=x.device)
+                mask = structure if mask is None else mask & structure
         else:
             q = self._heads(F.linear(x, w[:d], b[:d]))
             if cache is not None and cache.k is not None:

@@ -27,12 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Default block size: a power of two >= r, but at least this many queries, so that r = 1
-# does not become T blocks of one query each. A guess, to be measured (benchmarks).
+# does not become T blocks of one query each.
 MIN_BLOCK = 16
-# Dispatch threshold: the blocked path is used when T > WINDOW_MIN_BLOCKS · b. At T = 3b
-# (two-sided, w = 1) the blocks already hold as many scores as the dense T × T, so below
-# a few blocks the dense path is no worse and has no gather overhead. A guess, to be measured.
-WINDOW_MIN_BLOCKS = 4
+# Dispatch: the blocked path is used from T >= max(MIN_WINDOWED_T, WINDOWED_BLOCKS · b). Measured
+# with benchmarks/attention_cost.py (BENCHMARKS.md, "Attention cost against sequence length"; 2-core
+# Intel Xeon, fp32, forward + backward, causal): the blocked path overtook the fused masked kernel at
+# T = 384 for r = 16 and 64 (b = 16, 64) and at T = 768 for r = 256 (b = 256), and not before.
+MIN_WINDOWED_T = 384
+WINDOWED_BLOCKS = 3
 
 
 def default_block(window: int) -> int:
@@ -47,7 +49,7 @@ def use_windowed(t: int, window: int | None, block: int | None = None) -> bool:
     """Whether self-attention over t positions with radius `window` should take the blocked path."""
     if window is None:
         return False
-    return t > WINDOW_MIN_BLOCKS * (block or default_block(window))
+    return t >= max(MIN_WINDOWED_T, WINDOWED_BLOCKS * (block or default_block(window)))
 
 
 def _block_keys(x: Tensor, nb: int, b: int, left: int, span: int) -> Tensor:
