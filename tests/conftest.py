@@ -31,3 +31,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def untrained_model_dir(tmp_path_factory) -> Path:
+    """A tiny untrained translation model directory (a small vocabulary, one layer each side)."""
+    from transformer.config import preset
+    from transformer.model.models import build_model
+    from transformer.text.tokenizer import Tokenizer
+    from transformer.training.checkpoint import save_model_dir
+
+    tokenizer = Tokenizer.train(["a man rides a horse .", "ein mann reitet ein pferd ."] * 20, 40)
+    cfg = preset("tiny", vocab_size=tokenizer.vocab_size, n_encoder_layers=1, n_decoder_layers=1)
+    path = tmp_path_factory.mktemp("models") / "model"
+    save_model_dir(path, build_model(cfg), cfg, tokenizer.to_bytes())
+    return path

@@ -147,18 +147,8 @@ FIELD_VALUE = st.one_of(st.integers(-2, 40), st.floats(-1, 2), st.booleans(), st
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny untrained translation model directory."""
-    from transformer.config import preset
-    from transformer.model.models import build_model
-    from transformer.text.tokenizer import Tokenizer
-    from transformer.training.checkpoint import save_model_dir
-
-    tokenizer = Tokenizer.train(["a man rides a horse .", "ein mann reitet ein pferd ."] * 20, 40)
-    cfg = preset("tiny", vocab_size=tokenizer.vocab_size, n_encoder_layers=1, n_decoder_layers=1)
-    path = tmp_path_factory.mktemp("models") / "model"
-    save_model_dir(path, build_model(cfg), cfg, tokenizer.to_bytes())
-    return path
+def model_dir(untrained_model_dir) -> Path:
+    return untrained_model_dir
 
 
 @settings(max_examples=60 * SCALE, **SETTINGS)
