@@ -146,3 +146,22 @@ def test_search_on_a_windowed_translation_model_is_unchanged_by_bounding(monkeyp
     for hyps, ref in zip(result, reference):
         assert [h.tokens for h in hyps] == [h.tokens for h in ref]
         assert [h.score for h in hyps] == pytest.approx([h.score for h in ref], abs=1e-5)
+
+
+def test_lm_generation_of_ten_blocks_keeps_every_cache_within_the_window():
+    """`lm sample`'s generation (tasks.lm.generate_ids) of 10x the block: every cache it makes, however the
+    context slides, holds at most r + 1 positions per self-attention entry at its end."""
+    from transformer.tasks.lm import generate_ids
+
+    torch.manual_seed(0)
+    block = 32
+    model = build_model(preset("tiny", vocab_size=50, arch="decoder", n_encoder_layers=0, attn_window=R,
+                               max_len=block)).eval()
+    caches = []
+    new_cache = model.new_cache
+    model.new_cache = lambda: caches.append(new_cache()) or caches[-1]
+    tokens = generate_ids(model, [5, 6, 7], 10 * block, temperature=0)
+    assert tokens.size(1) == 3 + 10 * block and len(caches) > 1
+    for cache in caches:
+        _assert_bounded(cache, R)
+        assert cache.length > R + 1  # each call went past the window
