@@ -118,6 +118,10 @@ def test_local_window_mask_shape_and_content():
     # Queries that follow cached positions are aligned to the end of the keys.
     assert torch.equal(self_attention_mask(2, 5, causal=True, window=None), torch.tril(torch.ones(5, 5, dtype=torch.bool))[3:])
     assert self_attention_mask(4, 4, causal=False, window=None) is None
+    # A decoding step (one query, the last position) sees every key: no mask to build, unless a window cuts.
+    assert self_attention_mask(1, 5, causal=True, window=None) is None
+    assert self_attention_mask(1, 5, causal=True, window=4) is None
+    assert torch.equal(self_attention_mask(1, 5, causal=True, window=2), torch.tensor([[False, False, True, True, True]]))
 
 
 def test_multihead_module_paths_agree_and_weights_per_head():

@@ -28,9 +28,9 @@ def _grads(out, grad, *xs):
 
 def _dense(q, k, v, r, causal, pad):
     n = q.size(2)
-    mask = self_attention_mask(n, n, causal=causal, window=r)
+    mask = self_attention_mask(n, n, causal=causal, window=r)  # None: n = 1, causal
     if pad is not None:
-        mask = mask & pad
+        mask = pad if mask is None else mask & pad
     return scaled_dot_product_attention(q, k, v, mask)[0]
 
 

@@ -78,6 +78,8 @@ def self_attention_mask(
     """
     if not causal and window is None:
         return None
+    if causal and t_q == 1 and (window is None or t_k - 1 <= window):
+        return None  # one query, the last position: it may see every key (a decoding step)
     i = torch.arange(t_k - t_q, t_k, device=device)[:, None]  # absolute query positions
     j = torch.arange(t_k, device=device)[None, :]
     mask = torch.ones(t_q, t_k, dtype=torch.bool, device=device)
@@ -136,26 +138,24 @@ class MultiHeadAttention(nn.Module):
         (`use_windowed`), a window takes the blocked path of `window.py`, linear in T;
         otherwise the dense masked path, as before.
         """
-        if memory is None and (window is not None or causal):
-            if cache is None and not need_weights and use_windowed(x.size(1), window):
-                q, k, v = self.in_proj(x).split(x.size(-1), dim=-1)
-                q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, T, D)
-                dropout_p = self.attn_dropout if self.training else 0.0
-                out = windowed_attention(q, k, v, window, causal, mask, dropout_p)
-                return self.out_proj(out.transpose(1, 2).reshape(x.shape)), None
         d = x.size(-1)
         w, b = self.in_proj.weight, self.in_proj.bias
+        dropout_p = self.attn_dropout if self.training else 0.0
         if memory is None:
             q, k, v = self.in_proj(x).split(d, dim=-1)
             q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, T, D)
+            if cache is None and not need_weights and use_windowed(x.size(1), window):
+                out = windowed_attention(q, k, v, window, causal, mask, dropout_p)  # (B, H, T, D)
+                return self.out_proj(out.transpose(1, 2).reshape(x.shape)), None
             if cache is not None and window is not None and causal:  # a ring of the last r + 1 positions
                 if cache.bounded and mask is not None and mask.size(-1) != 1:
                     raise ValueError("a bounded (windowed) cache takes no key padding mask")
                 k, v = cache.append_window(k, v, window)  # (B, H, n, D), n <= r + T
             elif cache is not None:
                 k, v = cache.append(k, v)  # (B, H, length, D)
-            if window is not None or causal:  # the queries are the last T of the n keys
-                structure = self_attention_mask(x.size(1), k.size(2), causal, window, device=x.device)
+            # the queries are the last T of the n keys; None: nothing to add (full, or one query seeing all)
+            structure = self_attention_mask(x.size(1), k.size(2), causal, window, device=x.device)
+            if structure is not None:
                 mask = structure if mask is None else mask & structure
         else:
             q = self._heads(F.linear(x, w[:d], b[:d]))
@@ -166,7 +166,6 @@ class MultiHeadAttention(nn.Module):
                 k, v = self._heads(k), self._heads(v)  # (B, H, S, D)
                 if cache is not None:
                     cache.set(k, v)
-        dropout_p = self.attn_dropout if self.training else 0.0
         out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p, need_weights)
         out = out.transpose(1, 2).reshape(x.shape)  # (B, T, d_model)
         return self.out_proj(out), weights
