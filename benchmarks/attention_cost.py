@@ -250,6 +250,28 @@ def main() -> None:
     t0 = time.perf_counter()
     ns = [int(x) for x in args.ns.split(",")]
     systems = args.systems.split(",")
+    rows, skipped = measure(args, ns, systems)
+    slopes = {s: {key: slope([(r["n"], r[key]) for r in rows if r["system"] == s], 1024, 16384)
+                  for key in ("ms", "mib")} for s in systems}
+    crossover = []
+    if not args.no_crossover:
+        for r in [int(x) for x in args.radii.split(",")]:
+            pts = run_sub(["--crossover-worker", str(r), "--crossover-max", str(args.crossover_max)])
+            crossover.extend(pts)
+            print(f"crossover r={r} done", file=sys.stderr)
+    if args.plot:
+        plot(rows, slopes, args.plot)
+    total_s = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"rows": rows, "skipped": skipped, "slopes": slopes,
+                          "crossover": crossover, "total_s": total_s}, indent=1))
+        return
+    report(args, ns, systems, rows, slopes, crossover)
+    print(f"\ntotal {total_s:.0f} s")
+
+
+def measure(args: argparse.Namespace, ns: list[int], systems: list[str]) -> tuple[list[dict], list[dict]]:
+    """One subprocess per (system, n), again while disturbed; skips n predicted above --max-gib."""
     rows, skipped = [], []
     for system in systems:
         last, growth = None, 4.0  # last row of this system; memory growth per doubling seen (at most 4)
@@ -272,26 +294,15 @@ def main() -> None:
             if last is not None and last["mib"] > 1:
                 growth = min(4.0, max(1.0, row["mib"] / last["mib"]) ** (1 / math.log2(n / last["n"])))
             last = row
+    return rows, skipped
 
-    slopes = {s: {key: slope([(r["n"], r[key]) for r in rows if r["system"] == s], 1024, 16384)
-                  for key in ("ms", "mib")} for s in systems}
-    crossover = []
-    if not args.no_crossover:
-        for r in [int(x) for x in args.radii.split(",")]:
-            pts = run_sub(["--crossover-worker", str(r), "--crossover-max", str(args.crossover_max)])
-            crossover.extend(pts)
-            print(f"crossover r={r} done", file=sys.stderr)
-    if args.plot:
-        plot(rows, slopes, args.plot)
-    total_s = time.perf_counter() - t0
 
-    if args.json:
-        print(json.dumps({"rows": rows, "skipped": skipped, "slopes": slopes,
-                          "crossover": crossover, "total_s": total_s}, indent=1))
-        return
+def report(args: argparse.Namespace, ns: list[int], systems: list[str], rows: list[dict], slopes: dict,
+           crossover: list[dict]) -> None:
+    """The markdown tables: time and memory per n with the slopes, and the dispatch crossover."""
     import torch
 
-    from transformer.model.window import default_block
+    from transformer.model.window import use_windowed
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={B} H={H} D={D} fp32; "
           f"median of {args.repeats} after {args.warmup} warm-up\n")
@@ -309,28 +320,33 @@ def main() -> None:
         return f"{sl[0]:.2f} ({sl[1]} pts)" if sl else "n/a"
 
     print("| slope 1k-16k | " + " | ".join(f"{fmt(slopes[s]['ms'])} | {fmt(slopes[s]['mib'])}" for s in systems) + " |")
-    if "fused" in systems and "window-256" in systems and ("fused", 16384) in by and ("window-256", 16384) in by:
+    if ("fused", 16384) in by and ("window-256", 16384) in by:
         print(f"\nn = 16k: window-256 is {by[('fused', 16384)]['ms'] / by[('window-256', 16384)]['ms']:.1f}x "
               "faster than fused")
-    if crossover:
-        print("\n| r | rule: n > 4·b | n | windowed ms | fused ms | fused / windowed |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        for p in crossover:
-            print(f"| {p['r']} | {4 * default_block(p['r'])} | {p['n']:,} | {p['window_ms']:.3f} | "
-                  f"{p['fused_ms']:.3f} | {p['fused_ms'] / p['window_ms']:.2f} |")
-        for r in sorted({p["r"] for p in crossover}):
-            pts = [p for p in crossover if p["r"] == r]
-            wins = [p["window_ms"] < p["fused_ms"] for p in pts]
-            first = next((p["n"] for p, w in zip(pts, wins) if w), None)
-            stable = next((p["n"] for i, p in enumerate(pts) if all(wins[i:])), None)
-            print(f"r={r}: windowed first faster at n={first}, faster from n={stable} on; "
-                  f"rule uses it for n > {4 * default_block(r)}")
-    bad = [r for r in rows + crossover if r["other_cpu_frac"] > DISTURBED]
+    if not crossover:
+        print_disturbed(rows)
+        return
+    print("\n| r | the rule uses windowed | n | windowed ms | fused ms | fused / windowed |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for p in crossover:
+        print(f"| {p['r']} | {'yes' if use_windowed(p['n'], p['r']) else 'no'} | {p['n']:,} | "
+              f"{p['window_ms']:.3f} | {p['fused_ms']:.3f} | {p['fused_ms'] / p['window_ms']:.2f} |")
+    for r in sorted({p["r"] for p in crossover}):
+        pts = [p for p in crossover if p["r"] == r]
+        wins = [p["window_ms"] < p["fused_ms"] for p in pts]
+        first = next((p["n"] for p, w in zip(pts, wins) if w), None)
+        stable = next((p["n"] for i, p in enumerate(pts) if all(wins[i:])), None)
+        rule = next((p["n"] for p in pts if use_windowed(p["n"], r)), None)
+        print(f"r={r}: windowed first faster at n={first}, faster from n={stable} on; the rule uses it from n={rule}")
+    print_disturbed(rows + crossover)
+
+
+def print_disturbed(rows: list[dict]) -> None:
+    bad = [r for r in rows if r["other_cpu_frac"] > DISTURBED]
     print(f"\nmeasurements still disturbed after {MAX_TRIES} tries (other processes' CPU > {DISTURBED:.0%}"
           f" of the timed wall time): {len(bad)}"
           + "".join(f"\n  {r.get('system', 'crossover r=' + str(r.get('r')))} n={r['n']}: {r['other_cpu_frac']:.0%}"
                     for r in bad))
-    print(f"\ntotal {total_s:.0f} s")
 
 
 if __name__ == "__main__":
