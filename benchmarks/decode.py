@@ -6,7 +6,8 @@ random weights; sources of 25 tokens (24 + EOS); exactly 50 target tokens per se
 `min_new_tokens`/`max_new_tokens`, CTranslate2's `min_decoding_length`/
 `max_decoding_length`); batch 1 and 32; greedy and beam 4. Target tokens/s counts the 50
 tokens of each sentence's returned translation (not the beams), median of `--repeats`
-timed runs after one warm-up run.
+timed runs after one warm-up run; the systems of a (batch, search) row group are timed
+round-robin, one run of each in turn.
 
     python benchmarks/decode.py            # the table
     python benchmarks/decode.py --json     # the rows as JSON
@@ -15,6 +16,7 @@ timed runs after one warm-up run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -40,14 +42,18 @@ def sources(batch: int) -> list[list[int]]:
     return [torch.randint(4, VOCAB - 1, (SRC_LEN - 1,), generator=g).tolist() for _ in range(batch)]
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed(fns: list, repeats: int) -> list[float]:
+    """The median time of each of `fns`, after one warm-up each, timed round-robin (one run of each in turn),
+    so that a busy moment of a shared machine hits every system alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, fn_times in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            fn_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 # ---- this project ---------------------------------------------------------------------------
@@ -145,8 +151,26 @@ def ct2_translators(model, threads: list[int]):
                 )
 
 
-def ct2_runner(translator, batch: int, beam: int):
-    src = [[token(i) for i in s] + ["</s>"] for s in sources(batch)]
+def ours_ct2_translators(model, threads: list[int]):
+    """Our model (the fp32 `small` of `ours_systems`) exported with `transformer.export.ctranslate2`."""
+    import ctranslate2
+
+    from transformer.export.ctranslate2 import TransformerConverter
+
+    vocabulary = ["<pad>", "<unk>", "<s>", "</s>"] + [token(i) for i in range(4, VOCAB)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for compute_type in ("int8", "float32"):
+            out = os.path.join(tmp, compute_type)
+            TransformerConverter(model, vocabulary).convert(out, quantization=compute_type)
+            for n in threads:
+                yield f"{compute_type}, {n} thread{'s' if n > 1 else ''}", ctranslate2.Translator(
+                    out, device="cpu", compute_type=compute_type, intra_threads=n, inter_threads=1
+                )
+
+
+def ct2_runner(translator, batch: int, beam: int, source_eos: bool = True):
+    """`source_eos`: append </s> to the source (the converted Marian model); our export has CTranslate2 do it."""
+    src = [[token(i) for i in s] + ["</s>"] * source_eos for s in sources(batch)]
 
     def run():
         out = translator.translate_batch(
@@ -166,7 +190,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per row (median)")
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--beams", default="1,4")
-    parser.add_argument("--systems", default="ours,hf,ct2", help="comma-separated subset of ours,hf,ct2")
+    parser.add_argument("--systems", default="ours,hf,ct2,ours-ct2",
+                        help="comma-separated subset of ours,hf,ct2,ours-ct2 (ours exported to CTranslate2)")
     parser.add_argument("--options", default=None, help="only these options of ours (comma-separated)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
@@ -186,12 +211,16 @@ def main() -> None:
         cases.append(("HF generate", "fp32", hf_runner, hf_model))
     ct2 = list(ct2_translators(hf_model, [1, 2])) if "ct2" in systems else []
     cases += [("CTranslate2", option, ct2_runner, t) for option, t in ct2]
+    if "ours-ct2" in systems:
+        exported = list(ours_ct2_translators(next(ours_systems(False))[1], [1, 2]))
+        cases += [("ours exported to CTranslate2", option, functools.partial(ct2_runner, source_eos=False), t)
+                  for option, t in exported]
 
     rows = []
     for batch in batches:
         for beam in beams:
-            for system, option, runner, model in cases:
-                seconds = timed(runner(model, batch, beam), args.repeats)
+            medians = timed([runner(model, batch, beam) for _, _, runner, model in cases], args.repeats)
+            for (system, option, _, _), seconds in zip(cases, medians):
                 rows.append({
                     "system": system, "option": option, "batch": batch,
                     "search": "greedy" if beam == 1 else f"beam {beam}",

@@ -2,7 +2,7 @@
 exactly and never loses its best model.
 
 The file operations are those of the run directory's writer (training/checkpoint.py, training/loop.py,
-training/run.py): os.mkdir, os.rmdir, os.unlink, os.rename, os.replace, os.fsync, shutil.rmtree, and
+training/run.py, files.py): os.mkdir, os.rmdir, os.unlink, os.rename, os.replace, os.fsync, shutil.rmtree, and
 every open() for writing and write() of a file (torn: half its bytes reach the file first). A dry run
 counts them, K in all. Then, for k = 1..K and each mode:
 
@@ -61,11 +61,12 @@ import sacrebleu.tokenizers  # noqa: E402, F401
 import torch._dynamo  # noqa: E402, F401
 
 from transformer.cli import main  # noqa: E402 - after the thread setting
+from transformer import files  # noqa: E402
 from transformer.corpora import multi30k_dir, tinyshakespeare_path  # noqa: E402
 from transformer.training import checkpoint, loop, run  # noqa: E402
 
 OS_OPS = ("mkdir", "rmdir", "unlink", "rename", "replace", "fsync")
-OURS = {os.path.realpath(m.__file__) for m in (checkpoint, loop, run)}
+OURS = {os.path.realpath(m.__file__) for m in (checkpoint, loop, run, files)}
 _LIBS = tuple({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
 _STDLIB = sysconfig.get_paths()["stdlib"]
 

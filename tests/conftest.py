@@ -46,3 +46,35 @@ def untrained_model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "model"
     save_model_dir(path, build_model(cfg), cfg, tokenizer.to_bytes())
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_translation_dir(multi30k_sample, tmp_path_factory) -> Path:
+    """A tiny en->de model trained 300 steps on 500 Multi30k pairs (about 6 s on one thread), byte fallback on.
+
+    Its greedy translations of the first 60 Multi30k validation sentences (`multi30k_valid_en`)
+    differ from each other and end with EOS, so that tests of exact agreement with another
+    runtime (the exports) are not vacuous.
+    """
+    import torch
+
+    from transformer.cli import main
+
+    data = multi30k_sample(500, 60)
+    out = tmp_path_factory.mktemp("trained") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--vocab-size", "600",
+                     "--max-tokens", "800", "--warmup", "40", "--lr", "3e-3", "--dropout", "0", "--max-steps", "300",
+                     "--valid-every", "300", "--valid-bleu-lines", "10", "--log-every", "100", "--no-progress",
+                     "--seed", "3"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="session")
+def multi30k_valid_en() -> list[str]:
+    """The first 60 English sentences of Multi30k valid: the validation file of `trained_translation_dir`."""
+    return (multi30k_dir() / "valid.en").read_text(encoding="utf-8").splitlines()[:60]

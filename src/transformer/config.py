@@ -65,11 +65,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
-                            f"(the fields are {', '.join(sorted(known))})")
+        _known_fields(cls, d)
         return cls(**d)
 
 
@@ -150,3 +146,172 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Shape of a ViT (Dosovitskiy et al., 2021): the image cut into patch_size × patch_size patches, one
+    token each, through the package's encoder layers. The defaults are ViT-B/16 at 224 × 224 (Table 1)."""
+
+    image_height: int = 224
+    image_width: int = 224
+    channels: int = 3
+    patch_size: int = 16
+    d_model: int = 768
+    n_heads: int = 12
+    d_ff: int = 3072
+    n_layers: int = 12
+    dropout: float = 0.1
+    norm_first: bool = True  # ViT's blocks are pre-norm; the FFN is the paper's ReLU one, not ViT's GELU MLP
+    pool: Literal["cls", "mean"] = "cls"  # the [CLS] token's output, or the mean of the patches' outputs
+    positions: Literal["learned", "sinusoidal"] = "learned"  # "sinusoidal": 2-D, half the width for each axis
+    n_classes: int = 1000
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name, (kind, low, high) in _VISION_RULES.items():
+            _check_field(name, getattr(self, name), kind, low, high)
+        if self.image_height % self.patch_size or self.image_width % self.patch_size:
+            raise UserError(f"patch_size {self.patch_size}: must divide the image size "
+                            f"{self.image_height}x{self.image_width}")
+        if self.d_model % self.n_heads:
+            raise UserError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.positions == "sinusoidal" and self.d_model % 4:
+            raise UserError(f"d_model {self.d_model}: must be a multiple of 4 with 2-D sinusoidal positions")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, columns) of patches."""
+        return self.image_height // self.patch_size, self.image_width // self.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def encoder_config(self) -> ModelConfig:
+        """The shape of the encoder layers (a text model's config without a vocabulary)."""
+        return ModelConfig(arch="encoder", vocab_size=1, d_model=self.d_model, n_heads=self.n_heads, d_ff=self.d_ff,
+                           n_encoder_layers=self.n_layers, n_decoder_layers=0, dropout=self.dropout,
+                           norm_first=self.norm_first, layer_norm_eps=self.layer_norm_eps, pad_id=0, bos_id=0, eos_id=0)
+
+    def replace(self, **changes: Any) -> "VisionConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VisionConfig":
+        _known_fields(cls, d)
+        return cls(**d)
+
+
+_VISION_RULES: dict[str, tuple] = {
+    "image_height": ("int", (1, True), None),
+    "image_width": ("int", (1, True), None),
+    "channels": ("int", (1, True), None),
+    "patch_size": ("int", (1, True), None),
+    "d_model": ("int", (1, True), None),
+    "n_heads": ("int", (1, True), None),
+    "d_ff": ("int", (1, True), None),
+    "n_layers": ("int", (0, True), None),
+    "dropout": ("float", (0, True), (1, False)),
+    "norm_first": ("bool", None, None),
+    "pool": (("cls", "mean"), None, None),
+    "positions": (("learned", "sinusoidal"), None, None),
+    "n_classes": ("int", (1, True), None),
+    "layer_norm_eps": ("float", (0, False), None),
+}
+
+Bridge = Literal["qformer", "flamingo", "encoder-decoder"]
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """An image-to-text model: a ViT encoder, a bridge, and a text decoder.
+
+    bridge "qformer" (BLIP-2, Li et al., 2023): `n_queries` learned queries through `bridge_layers`
+    layers of self-attention among them, with cross-attention to the image in every `cross_every`-th
+    layer (BLIP-2: 32 queries, 12 layers, every other one), projected to a prefix of the frozen LM.
+    bridge "flamingo" (Alayrac et al., 2022): a tanh-gated cross-attention block (gate 0 at the start)
+    before every `cross_every`-th layer of the frozen LM. bridge "encoder-decoder": a decoder of the
+    LM's shape, trained from scratch, attending to every patch (the paper's model with image tokens).
+    `lm` is the language model's shape; `bos_id` starts a caption and `eos_id` ends it (for an LM
+    trained on one caption a line, both are the newline); `max_len` counts a caption's tokens, BOS and
+    EOS included. An image is `tiles` images of the ViT's size side by side, each through the ViT
+    (tiling, as LLaVA-NeXT does for large images), their features marked with the tile they come
+    from; `freeze_vision`: the ViT is not trained (a pretrained one, as in BLIP-2 and Flamingo).
+    """
+
+    vision: VisionConfig
+    lm: ModelConfig
+    bridge: Bridge = "qformer"
+    n_queries: int = 32
+    bridge_layers: int = 12
+    cross_every: int = 2
+    max_len: int = 32
+    bos_id: int = 2
+    eos_id: int = 3
+    tiles: int = 1
+    freeze_vision: bool = False
+
+    def __post_init__(self) -> None:
+        _check_field("bridge", self.bridge, ("qformer", "flamingo", "encoder-decoder"), None, None)
+        _check_field("freeze_vision", self.freeze_vision, "bool", None, None)
+        for name in ("n_queries", "bridge_layers", "cross_every", "max_len", "tiles"):
+            _check_field(name, getattr(self, name), "int", (1, True), None)
+        for name in ("bos_id", "eos_id"):
+            _check_field(name, getattr(self, name), "int", (0, True), (self.lm.vocab_size, False))
+        if self.lm.arch != "decoder":
+            raise UserError(f"lm arch {self.lm.arch!r}: the language model must be a decoder")
+        prefix = self.n_queries if self.bridge == "qformer" else 0
+        if prefix + self.max_len > self.lm.max_len:
+            raise UserError(f"max_len {self.max_len}{f' + {prefix} queries' if prefix else ''}: more positions "
+                            f"than the language model's max_len {self.lm.max_len}")
+
+    @property
+    def pad_id(self) -> int:
+        return self.lm.pad_id
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the images: the tiles side by side."""
+        return self.vision.image_height, self.tiles * self.vision.image_width
+
+    def replace(self, **changes: Any) -> "CaptionConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CaptionConfig":
+        _known_fields(cls, d)
+        if not isinstance(d.get("vision"), dict) or not isinstance(d.get("lm"), dict):
+            raise UserError('"vision" and "lm" must be objects')
+        return cls(**(d | {"vision": VisionConfig.from_dict(d["vision"]), "lm": ModelConfig.from_dict(d["lm"])}))
+
+
+def _known_fields(cls: type, d: dict[str, Any]) -> None:
+    """`UserError` naming the keys of `d` that are not fields of the dataclass `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise UserError(f"unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
+                        f"(the fields are {', '.join(sorted(known))})")
+
+
+VISION_PRESETS: dict[str, VisionConfig] = {
+    # For tests: an 8×8 digit in 4 patches of 4×4.
+    "tiny": VisionConfig(image_height=8, image_width=8, channels=1, patch_size=4, d_model=32, n_heads=2, d_ff=64,
+                         n_layers=2, n_classes=10),
+    # ViT-B/16 (Table 1).
+    "base": VisionConfig(),
+}
+
+
+def vision_preset(name: str, **overrides: Any) -> VisionConfig:
+    """The named vision preset, with fields replaced by `overrides`."""
+    if name not in VISION_PRESETS:
+        raise UserError(f"unknown vision preset {name!r}; choose one of {', '.join(VISION_PRESETS)}")
+    return VISION_PRESETS[name].replace(**overrides)

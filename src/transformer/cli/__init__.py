@@ -1,8 +1,8 @@
 """The `transformer` command line: a thin layer over the library.
 
-One grammar: ``transformer TASK VERB [flags]``, TASK one of ``translation``, ``lm``, ``mlm``;
-translation is the default task, so ``transformer train|translate|evaluate|attention|quickstart``
-mean ``transformer translation VERB``. ``params``, ``average`` and ``plot`` work on any
+One grammar: ``transformer TASK VERB [flags]``, TASK one of ``translation``, ``lm``, ``mlm``, ``vit``, ``caption``;
+translation is the default task, so ``transformer preprocess|train|translate|evaluate|attention|quickstart|serve``
+mean ``transformer translation VERB``. ``params``, ``average``, ``plot`` and ``export`` work on any
 model or run. Every flag is declared once (`transformer.cli.flags`); training commands
 also read a TOML ``--config`` file, which the command line overrides. Every number is checked
 against its range when the arguments are parsed, a --config file's values too. A `UserError` from
@@ -16,12 +16,12 @@ import argparse
 import os
 import sys
 
-from transformer.cli import lm, mlm, tools, translation
+from transformer.cli import caption, export, lm, mlm, tools, translation, vit
 from transformer.cli.common import ArgumentsError, Parser, one_line
 from transformer.errors import UserError
 
-TASKS = {"translation": translation, "lm": lm, "mlm": mlm}
-TRANSLATION_VERBS = ("train", "translate", "evaluate", "attention", "quickstart")
+TASKS = {"translation": translation, "lm": lm, "mlm": mlm, "vit": vit, "caption": caption}
+TRANSLATION_VERBS = ("preprocess", "train", "translate", "evaluate", "attention", "quickstart", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,14 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
     helps = {
-        "translation": "Translation (the default task): train, translate, evaluate, attention, quickstart.",
+        "translation": "Translation (the default task): preprocess, train, translate, evaluate, attention, quickstart, serve.",
         "lm": "GPT-style decoder-only language model: train on a text file, sample from it.",
         "mlm": "BERT-style encoder-only masked language model: train on sentences, fill in [MASK].",
+        "vit": "Vision Transformer: classify images (a folder, or a bundled set); predict, attention.",
+        "caption": "Image to text: a ViT and a Q-Former or Flamingo bridge to a frozen LM; generate, attention.",
     }
     for name, module in TASKS.items():
         p = sub.add_parser(name, help=helps[name], description=helps[name])
         module.register(p.add_subparsers(dest="verb", required=True, metavar="VERB"))
     tools.register(sub)
+    export.register(sub)
     return parser
 
 

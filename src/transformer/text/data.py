@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 import torch
@@ -20,29 +20,43 @@ from transformer.errors import UserError
 from transformer.text.tokenizer import Tokenizer
 
 
-def read_text(path: str | Path) -> str:
-    """The whole of a UTF-8 text file, without a leading byte-order mark.
-
-    A missing file, a directory or invalid UTF-8 raise `UserError` naming the file
-    (and for invalid UTF-8 the line and column).
-    """
+def open_binary(path: str | Path) -> BinaryIO:
+    """`path` opened for reading bytes; a missing file, a directory or an unreadable one raise `UserError`."""
     try:
-        data = Path(path).read_bytes()
+        return open(path, "rb")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, not a text file") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def decode(data: bytes, path: str | Path, first_line: int = 1) -> str:
+    """`data`, whole lines of the file `path` from line `first_line` on, as text; invalid UTF-8 raises
+    `UserError` naming the file, the line and the column."""
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + first_line
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         raise UserError(
             f"{path}:{line}: invalid UTF-8 (byte 0x{data[e.start]:02x} at column {column})"
         ) from None
-    return text.removeprefix("\ufeff")
+
+
+def read_text(path: str | Path) -> str:
+    """The whole of a UTF-8 text file, without a leading byte-order mark.
+
+    A missing file, a directory or invalid UTF-8 raise `UserError` naming the file
+    (and for invalid UTF-8 the line and column).
+    """
+    with open_binary(path) as f:
+        try:
+            data = f.read()
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    return decode(data, path).removeprefix("\ufeff")
 
 
 def read_lines(path: str | Path) -> list[str]:
@@ -161,20 +175,24 @@ class TokenBatchSampler:
         leaves the global random state alone; without it, batches come in sorted
         order.
         """
+        return [batch.tolist() for batch in self.arrays(epoch)]
+
+    def arrays(self, epoch: int) -> list[np.ndarray]:
+        """`batches(epoch)` as int64 arrays, views of one array: for millions of sentences, a fraction of the
+        memory of lists of Python ints."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.widths)) if self.shuffle else np.arange(len(self.widths))
         order = order[np.lexsort((self.src_lens[order], self.tgt_lens[order]))]  # stable sort
-        batches: list[list[int]] = []
-        batch: list[int] = []
-        width = 0  # max(S, T) of `batch`
-        for i, w in zip(order.tolist(), self.widths[order].tolist()):
-            width = max(width, w)
-            if batch and (len(batch) + 1) * width > self.max_tokens:
-                batches.append(batch)
-                batch, width = [], w
-            batch.append(i)
-        if batch:
-            batches.append(batch)
+        widths = self.widths[order]
+        # Greedy: a batch takes the next sentences while (its size) x (its widest) <= max_tokens. Its size is
+        # the first k where (k + 1) x (running max of the widths from its start) goes over.
+        ends, start, most = [], 0, self.max_tokens // max(int(widths.min(initial=1)), 1)
+        while start < len(widths):
+            running = np.maximum.accumulate(widths[start : start + most])
+            over = np.flatnonzero(np.arange(1, len(running) + 1) * running > self.max_tokens)
+            start += int(over[0]) if len(over) else len(running)
+            ends.append(start)
+        batches = np.split(order, ends[:-1]) if ends else []
         if self.shuffle:
             batches = [batches[k] for k in rng.permutation(len(batches))]
         return batches

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import sentencepiece as spm
 
 from transformer.errors import UserError
@@ -41,6 +42,7 @@ class Tokenizer:
         user_symbols: Sequence[str] = (),
         byte_fallback: bool = False,
         verbatim: bool = False,
+        sample_size: int = 2_000_000,
     ) -> "Tokenizer":
         """Train a model in memory on `sentences` (one sentence per item).
 
@@ -49,9 +51,10 @@ class Tokenizer:
         instead of turning into `<unk>`. `verbatim`: no Unicode normalisation, whitespace
         kept as it is (no dummy prefix, runs of spaces kept) and items of up to 1 MiB, as a
         language model needs (with "\\n" among `user_symbols`, decode(encode(text)) == text).
-        Deterministic for the same sentences and options. At most 2,000,000 sentences (a
-        shuffled sample of a bigger corpus) are used. Raises `UserError` when `vocab_size`
-        does not suit the corpus.
+        Deterministic for the same sentences and options. At most `sample_size` sentences (a
+        shuffled sample of a bigger corpus: sentencepiece's reservoir sampling, so memory stays
+        bounded whatever the length of `sentences`) are used. Raises `UserError` when
+        `vocab_size` does not suit the corpus.
         """
         if model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, not {model_type!r}")
@@ -74,7 +77,7 @@ class Tokenizer:
                 unk_id=cls.UNK,
                 bos_id=cls.BOS,
                 eos_id=cls.EOS,
-                input_sentence_size=2_000_000,
+                input_sentence_size=sample_size,
                 shuffle_input_sentence=True,
                 num_threads=_TRAIN_THREADS,
                 minloglevel=2,
@@ -121,6 +124,10 @@ class Tokenizer:
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without BOS/EOS. Extra whitespace is ignored."""
         return self._sp.encode(texts, out_type=int)
+
+    def encode_arrays(self, texts: list[str], threads: int = 1) -> list[np.ndarray]:
+        """Token ids of each text as an int32 array, the same ids as `encode`, on `threads` threads."""
+        return self._sp.encode(texts, return_type="numpy", num_threads=threads)
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Detokenized text of each id list; pad, BOS and EOS ids are dropped wherever they are."""

@@ -71,6 +71,7 @@ from torch import Tensor, nn
 
 from transformer.config import ModelConfig
 from transformer.errors import UserError
+from transformer.files import cannot, fsync_dir
 from transformer.model.models import build_model
 
 if TYPE_CHECKING:
@@ -81,20 +82,6 @@ _FILES = (CONFIG, TOKENIZER, WEIGHTS, TRAIN_STATE)
 _JOURNAL = ".commit"
 _NEXT = ".next"
 _STEP_DIR = re.compile(r"step_(\d{8,})")
-
-
-def _cannot(path: Path, doing: str, error: OSError) -> UserError:
-    """The one-line error of a failed file operation: ``PATH: cannot DOING: reason``."""
-    return UserError(f"{path}: cannot {doing}: {error.strerror or error}")
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the directory's entries (creations, renames, deletions) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -134,7 +121,7 @@ def _replace_file(path: Path, data: bytes) -> None:
     except BaseException:
         _discard([tmp])
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -146,7 +133,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         _replace_file(path, data)
     except OSError as e:
-        raise _cannot(path, "write", e) from None
+        raise cannot(path, "write", e) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -163,7 +150,7 @@ def append_text(path: Path, text: str) -> None:
         with open(path, "a", encoding="utf-8") as f:
             f.write(text)
     except OSError as e:
-        raise _cannot(path, "write", e) from None
+        raise cannot(path, "write", e) from None
 
 
 def _state_bytes(model: nn.Module) -> bytes:
@@ -245,13 +232,13 @@ def _finish_journal(path: Path) -> None:
     for stale in path.glob(glob.escape(f".{_JOURNAL}.tmp-") + "*"):
         stale.unlink()
     if listed is not None:
-        _fsync_dir(path)
+        fsync_dir(path)
         (path / _JOURNAL).unlink()
-    _fsync_dir(path)
+    fsync_dir(path)
 
 
-def _config_bytes(cfg: ModelConfig, meta: dict | None) -> bytes:
-    return json.dumps({"model": cfg.to_dict(), "meta": meta or {}}, indent=2).encode("utf-8")
+def _config_bytes(model: dict, meta: dict | None) -> bytes:
+    return json.dumps({"model": model, "meta": meta or {}}, indent=2).encode("utf-8")
 
 
 def _replace_files(path: Path, files: dict[str, bytes]) -> None:
@@ -260,7 +247,7 @@ def _replace_files(path: Path, files: dict[str, bytes]) -> None:
     try:
         for name, data in files.items():
             _write_file(path / (name + _NEXT), data)
-        _fsync_dir(path)
+        fsync_dir(path)
         _replace_file(path / _JOURNAL, json.dumps(sorted(files)).encode("utf-8"))
     except BaseException:
         try:
@@ -282,12 +269,12 @@ def _create_dir(path: Path, files: dict[str, bytes]) -> None:
         tmp.mkdir(parents=True)
         for name, data in files.items():
             _write_file(tmp / name, data)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _save_files(path: Path, files: dict[str, bytes]) -> None:
@@ -298,7 +285,7 @@ def _save_files(path: Path, files: dict[str, bytes]) -> None:
         else:
             _create_dir(path, files)
     except OSError as e:
-        raise _cannot(path, "write", e) from None
+        raise cannot(path, "write", e) from None
 
 
 def save_model_dir(
@@ -315,7 +302,7 @@ def save_model_dir(
     `train_state` is stored as train_state.pt and returned by `load_train_state`.
     A failure raises `UserError` ("PATH: cannot write: reason") and leaves the old directory in force.
     """
-    files = {CONFIG: _config_bytes(cfg, meta), TOKENIZER: tokenizer_bytes, WEIGHTS: _state_bytes(model)}
+    files = {CONFIG: _config_bytes(cfg.to_dict(), meta), TOKENIZER: tokenizer_bytes, WEIGHTS: _state_bytes(model)}
     if train_state is not None:
         buffer = io.BytesIO()
         torch.save(train_state, buffer)
@@ -327,14 +314,14 @@ def copy_model_dir(src: Path, dst: Path, meta: dict | None = None) -> None:
     """Write (or replace) the model directory `dst` with the model of `src` (config, tokenizer and the
     weights byte for byte; no train state) and `meta`."""
     src = Path(src)
-    cfg, _ = _read_config(src)
-    files = {CONFIG: _config_bytes(cfg, meta)}
+    model, _ = read_config(src)  # any model's config (a vision model's too), as it is
+    files = {CONFIG: _config_bytes(model, meta)}
     for name in (TOKENIZER, WEIGHTS):
         file = _need(src, name)
         try:
             files[name] = file.read_bytes()
         except OSError as e:
-            raise _cannot(file, "read", e) from None
+            raise cannot(file, "read", e) from None
     _save_files(Path(dst), files)
 
 
@@ -343,7 +330,7 @@ def read_meta(path: Path) -> dict[str, Any] | None:
     path = Path(path)
     if not path.is_dir() or _resolve(path, CONFIG) is None:
         return None
-    return _read_config(path)[1]
+    return read_config(path)[1]
 
 
 def _need(path: Path, name: str) -> Path:
@@ -354,8 +341,9 @@ def _need(path: Path, name: str) -> Path:
     return file
 
 
-def _read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
-    """The model config and meta dict stored in model directory `path`."""
+def read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The "model" and "meta" objects of the config.json of model directory `path`, not parsed further."""
+    path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: {'not a directory' if path.exists() else 'no such directory'}")
     file = _resolve(path, CONFIG)
@@ -369,8 +357,14 @@ def _read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise UserError(f'{path / CONFIG}: no "model" section')
     if not isinstance(data.get("meta", {}), dict):
         raise UserError(f'{path / CONFIG}: "meta" is not an object')
+    return data["model"], data.get("meta", {})
+
+
+def _read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The model config and meta dict stored in model directory `path`."""
+    model, meta = read_config(path)
     try:
-        return ModelConfig.from_dict(data["model"]), data.get("meta", {})
+        return ModelConfig.from_dict(model), meta
     except (UserError, TypeError, ValueError) as e:
         raise UserError(f"{path / CONFIG}: bad model config: {e}") from None
 
@@ -435,7 +429,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
             os.rename(doomed, trash)
             shutil.rmtree(trash)
     except OSError as e:
-        raise _cannot(doomed, "delete", e) from None
+        raise cannot(doomed, "delete", e) from None
 
 
 def _leftovers(path: Path) -> bool:
@@ -470,7 +464,7 @@ def tidy_run(run_dir: Path) -> None:
                 if path.name.startswith((".tmp-", ".del-")) and path.is_dir():
                     shutil.rmtree(path)
     except OSError as e:
-        raise _cannot(path, "clean up", e) from None
+        raise cannot(path, "clean up", e) from None
 
 
 def average_checkpoints(paths: Sequence[Path]) -> dict[str, Tensor]:
@@ -504,7 +498,7 @@ def _read_bytes(file: Path) -> bytes:
     try:
         return file.read_bytes()
     except OSError as e:
-        raise _cannot(file, "read", e) from None
+        raise cannot(file, "read", e) from None
 
 
 def _same_dir(a: Path, b: Path) -> bool:

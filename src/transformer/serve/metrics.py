@@ -1,0 +1,42 @@
+"""The server's Prometheus metrics, in a `CollectorRegistry` of its own (so one process can hold several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Requests by endpoint and status, their latency, batch sizes, queue depth and decoding speed."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("transformer_requests", "HTTP requests answered, by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("transformer_request_seconds", "time to answer a request, by endpoint",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_sentences = Histogram("transformer_batch_sentences", "sentences per decoded batch",
+                                         buckets=BATCH_BUCKETS, registry=r)
+        self.queue = Gauge("transformer_queue_sentences", "sentences waiting for a batch", registry=r)
+        self.in_flight = Gauge("transformer_requests_in_flight", "translation requests accepted and not yet answered",
+                               registry=r)
+        self.tokens = Counter("transformer_generated_tokens", "target tokens generated (the output re-tokenized)",
+                              registry=r)
+        self.decode_seconds = Counter("transformer_decode_seconds", "time the model worker spent decoding",
+                                      registry=r)
+        self.tokens_per_second = Gauge("transformer_tokens_per_second",
+                                       "target tokens per second of decoding, over the last batch", registry=r)
+
+    def batch(self, sentences: int, tokens: int, seconds: float) -> None:
+        """Record one decoded batch: its sentences, the target tokens it generated, and its time."""
+        self.batch_sentences.observe(sentences)
+        self.tokens.inc(tokens)
+        self.decode_seconds.inc(seconds)
+        self.tokens_per_second.set(tokens / seconds if seconds > 0 else 0.0)
+
+    def text(self) -> bytes:
+        """Every metric in Prometheus's text format."""
+        return generate_latest(self.registry)

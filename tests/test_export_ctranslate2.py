@@ -1,0 +1,248 @@
+"""Export to CTranslate2, checked with the real library: the exported model computes what ours computes.
+
+On a tiny model trained in the session (`trained_translation_dir`) and the sentences of its
+validation file: greedy and beam tokens equal ours, `score_batch` log-probabilities equal ours
+within 1e-4, the LM through `ctranslate2.Generator` continues as ours, int8 stays close, and what
+CTranslate2 cannot express is refused on one line with exit status 2.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ctranslate2 = pytest.importorskip("ctranslate2")
+sentencepiece = pytest.importorskip("sentencepiece")
+
+from transformer.cli import main  # noqa: E402
+from transformer.config import preset  # noqa: E402
+from transformer.corpora import tinyshakespeare_path  # noqa: E402
+from transformer.inference.ctranslate2 import CTranslate2Translator, is_ctranslate2_dir  # noqa: E402
+from transformer.inference.runtime import DecodingModel  # noqa: E402
+from transformer.inference.sampling import sample  # noqa: E402
+from transformer.inference.search import SearchConfig, beam_search, greedy_search, max_lengths  # noqa: E402
+from transformer.model.models import build_model  # noqa: E402
+from transformer.text.data import collate_source  # noqa: E402
+from transformer.text.tokenizer import Tokenizer  # noqa: E402
+from transformer.training.checkpoint import load_model_dir, save_model_dir  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _export(model_dir: Path, out: Path, *extra: str) -> Path:
+    assert main(["export", "--model", str(model_dir), "--to", "ctranslate2", "--out", str(out), *extra]) == 0
+    return out
+
+
+def _log_probs(folder: Path, tokenizer: Tokenizer, sources: list[list[int]],
+               targets: list[list[int]]) -> list[list[float]]:
+    """CTranslate2's `score_batch`: per target token, then EOS, its log-probability given the source."""
+    translator = ctranslate2.Translator(str(folder), intra_threads=1)
+    piece = tokenizer.id_to_piece
+    results = translator.score_batch([[piece(i) for i in x] for x in sources], [[piece(i) for i in y] for y in targets])
+    return [r.log_probs for r in results]
+
+
+@pytest.fixture(scope="module")
+def trained(trained_translation_dir, multi30k_valid_en):
+    """(model, tokenizer, source ids, our greedy ids) of the trained tiny model on its validation sentences."""
+    model, _, tokenizer, _ = load_model_dir(trained_translation_dir)
+    ids = tokenizer.encode(multi30k_valid_en)
+    src = collate_source(ids)
+    greedy = greedy_search(model, src, SearchConfig(beam=1))
+    limits = max_lengths(model, src, SearchConfig(beam=1)).tolist()
+    # not vacuous: the translations differ, and nearly all end with EOS before the length limit
+    assert len({tuple(g) for g in greedy}) >= 0.9 * len(greedy)
+    assert sum(len(g) < limit for g, limit in zip(greedy, limits)) >= 0.9 * len(greedy)
+    return model, tokenizer, ids, greedy
+
+
+@pytest.fixture(scope="module")
+def exported(trained_translation_dir, tmp_path_factory) -> Path:
+    return _export(trained_translation_dir, tmp_path_factory.mktemp("ct2") / "float32")
+
+
+def test_the_folder_holds_the_model_the_vocabulary_and_the_tokenizer(exported, trained):
+    _, tokenizer, _, _ = trained
+    assert is_ctranslate2_dir(exported)
+    for name in ("model.bin", "config.json", "shared_vocabulary.json", "tokenizer.model", "transformer.json"):
+        assert (exported / name).is_file(), name
+    assert (exported / "tokenizer.model").read_bytes() == tokenizer.to_bytes()
+
+
+def test_greedy_gives_exactly_our_tokens(exported, trained):
+    _, _, ids, greedy = trained
+    theirs = CTranslate2Translator(exported, threads=1).translate_ids(ids, SearchConfig(beam=1))
+    assert theirs == greedy
+
+
+def test_score_batch_log_probs_equal_ours(exported, trained):
+    model, tokenizer, ids, greedy = trained
+    for x, y, log_probs in zip(ids, greedy, _log_probs(exported, tokenizer, ids, greedy)):
+        with torch.no_grad():
+            logits = model(torch.tensor([x + [model.cfg.eos_id]]), torch.tensor([[model.cfg.bos_id] + y]))
+        gold = torch.tensor(y + [model.cfg.eos_id])
+        ours = torch.log_softmax(logits[0], dim=-1)[torch.arange(len(gold)), gold]  # (T,) with the EOS
+        assert torch.allclose(torch.tensor(log_probs), ours, atol=1e-4), (x, y)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_beam_4_gives_our_translations(exported, trained, alpha):
+    """At alpha 0 both length-penalty rules are none, and CTranslate2's beam search is ours. At alpha 0.6
+    CTranslate2's 4 best (length_penalty 0) are re-ranked with our GNMT rule (inference/ctranslate2.py)."""
+    model, _, ids, _ = trained
+    search = SearchConfig(beam=4, alpha=alpha)
+    ours = [hyps[0].tokens for hyps in beam_search(model, collate_source(ids), search)]
+    theirs = CTranslate2Translator(exported, threads=1).translate_ids(ids, search)
+    assert theirs == ours
+
+
+def test_int8_export_agrees_more_than_our_own_int8(trained, trained_translation_dir, tmp_path):
+    """int8 weights change the greedy output of this fragile tiny model on many sentences (its translations
+    are long runs of half-learnt pieces with close log-probs): our own int8 (`DecodingModel`) keeps 21 of
+    the 60, the int8 export 37. The issue's >= 95% is measured on the 10-minute Multi30k model instead
+    (README, Export). Here: the export is stored in int8, keeps our greedy output at least as often as our
+    own int8, and its log-probabilities of our translations stay within 0.1 of float32 on average."""
+    model, tokenizer, ids, greedy = trained
+    out = _export(trained_translation_dir, tmp_path / "int8", "--quantization", "int8")
+    fp32_dir = _export(trained_translation_dir, tmp_path / "fp32")
+    assert (out / "model.bin").stat().st_size < 0.5 * (fp32_dir / "model.bin").stat().st_size
+    theirs = CTranslate2Translator(out, threads=1).translate_ids(ids, SearchConfig(beam=1))
+    torch_int8 = greedy_search(DecodingModel(model, quantize="int8"), collate_source(ids), SearchConfig(beam=1))
+    agree = sum(a == b for a, b in zip(theirs, greedy))
+    assert agree >= sum(a == b for a, b in zip(torch_int8, greedy))
+    int8, fp32 = _log_probs(out, tokenizer, ids, greedy), _log_probs(fp32_dir, tokenizer, ids, greedy)
+    gaps = [abs(a - b) for q, e in zip(int8, fp32) for a, b in zip(q, e)]
+    assert sum(gaps) / len(gaps) < 0.1
+
+
+def test_translate_and_evaluate_take_the_exported_folder(exported, trained_translation_dir, multi30k_valid_en,
+                                                         tmp_path, capsys):
+    source = tmp_path / "valid.en"
+    source.write_text("\n".join(multi30k_valid_en[:20]) + "\n", encoding="utf-8")
+    outputs = {}
+    for name, model, extra in (("ours", trained_translation_dir, ()), ("auto", exported, ()),
+                               ("engine", exported, ("--engine", "ctranslate2"))):
+        outputs[name] = tmp_path / f"{name}.hyp"
+        assert main(["translate", "--model", str(model), "--input", str(source), "--output", str(outputs[name]),
+                     "--beam", "1", "--no-progress", *extra]) == 0
+    texts = {name: path.read_text(encoding="utf-8") for name, path in outputs.items()}
+    assert texts["auto"] == texts["ours"] == texts["engine"]
+    assert main(["evaluate", "--model", str(exported), "--input", str(source), "--ref", str(outputs["ours"]),
+                 "--beam", "1", "--json", "--no-progress"]) == 0
+    assert '"bleu": 100.0' in capsys.readouterr().out
+
+
+def test_the_readme_lines_translate_with_ctranslate2_and_sentencepiece_alone(exported, trained, multi30k_valid_en):
+    """The five lines of README.md, section Export (greedy here, to compare with our greedy)."""
+    model_dir = str(exported)
+    sp = sentencepiece.SentencePieceProcessor(model_file=f"{model_dir}/tokenizer.model")
+    translator = ctranslate2.Translator(model_dir, intra_threads=1)
+    results = translator.translate_batch(sp.encode(multi30k_valid_en, out_type=str), beam_size=1,
+                                         max_decoding_length=256)
+    texts = [sp.decode(r.hypotheses[0]) for r in results]
+    _, tokenizer, ids, greedy = trained
+    ended = [i for i, (x, y) in enumerate(zip(ids, greedy)) if len(y) < len(x) + 1 + 50]  # ours stopped at EOS
+    assert len(ended) >= 0.9 * len(ids)
+    assert [texts[i] for i in ended] == [tokenizer.decode(greedy)[i] for i in ended]
+
+
+@pytest.fixture(scope="module")
+def trained_lm(tmp_path_factory) -> Path:
+    """A tiny character LM trained 150 steps on the first 20,000 characters of Tiny Shakespeare."""
+    text = tmp_path_factory.mktemp("lm") / "input.txt"
+    text.write_text(tinyshakespeare_path().read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    out = text.parent / "run"
+    assert main(["lm", "train", "--text", str(text), "--out", str(out), "--preset", "tiny", "--block-size", "64",
+                 "--batch-size", "16", "--max-steps", "150", "--lr", "3e-3", "--warmup", "20", "--dropout", "0",
+                 "--valid-every", "150", "--eval-batches", "2", "--no-progress"]) == 0
+    return out
+
+
+def test_the_lm_through_the_generator_continues_as_ours(trained_lm, tmp_path):
+    out = _export(trained_lm, tmp_path / "lm")
+    model, cfg, tokenizer, _ = load_model_dir(trained_lm)
+    generator = ctranslate2.Generator(str(out), intra_threads=1)
+    prompts = ["First Citizen:\n", "ROMEO:\nWhat", "The king", "\n"]
+    continuations = []
+    for prompt in prompts:
+        ids = tokenizer.encode([prompt])[0]
+        n = cfg.max_len - len(ids)
+        ours = sample(model, torch.tensor([ids]), n, temperature=0)[0, len(ids):].tolist()
+        result = generator.generate_batch([[tokenizer.id_to_piece(i) for i in ids]], max_length=n, sampling_topk=1,
+                                          include_prompt_in_result=False, end_token=[])[0]
+        theirs = [tokenizer.piece_to_id(p) for p in result.sequences[0]]
+        assert theirs == ours, prompt
+        continuations.append(tuple(ours))
+    assert len(set(continuations)) == len(prompts)  # not vacuous: the prompts lead to different text
+
+
+def _model_dir(tmp_path: Path, **fields) -> Path:
+    tokenizer = Tokenizer.train(["a man rides a horse .", "ein mann reitet ein pferd ."] * 20, 40)
+    cfg = preset("tiny", **{"vocab_size": tokenizer.vocab_size, "n_encoder_layers": 1, "n_decoder_layers": 1} | fields)
+    path = tmp_path / "model"
+    save_model_dir(path, build_model(cfg), cfg, tokenizer.to_bytes())
+    return path
+
+
+@pytest.mark.parametrize("fields, feature", [
+    ({"attn_window": 4}, "windowed attention (attn_window 4)"),
+    ({"arch": "encoder", "n_decoder_layers": 0}, "encoder-only"),
+])
+def test_what_ctranslate2_cannot_express_is_refused_on_one_line(tmp_path, capsys, fields, feature):
+    model = _model_dir(tmp_path, **fields)
+    assert main(["export", "--model", str(model), "--to", "ctranslate2", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert feature in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_pre_norm_untied_learned_position_models_export_exactly(tmp_path):
+    """The spec says pre-norm (with its final LayerNorms), three separate matrices when untied, and the
+    learned position table as it is."""
+    model_dir = _model_dir(tmp_path, norm_first=True, tie_embeddings=False, positions="learned", dropout=0.0)
+    out = _export(model_dir, tmp_path / "out")
+    model, _, tokenizer, _ = load_model_dir(model_dir)
+    x, y = tokenizer.encode(["a man rides a horse ."])[0], tokenizer.encode(["ein mann reitet"])[0]
+    log_probs = _log_probs(out, tokenizer, [x], [y])[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([x + [3]]), torch.tensor([[2] + y]))
+    ours = torch.log_softmax(logits[0], dim=-1)[torch.arange(len(y) + 1), torch.tensor(y + [3])]
+    assert torch.allclose(torch.tensor(log_probs), ours, atol=1e-4)
+
+
+def test_bad_export_requests_are_one_line_errors(exported, trained_translation_dir, tmp_path, capsys):
+    cases = [
+        (["--model", str(tmp_path / "missing"), "--to", "ctranslate2", "--out", str(tmp_path / "a")], "missing"),
+        (["--model", str(trained_translation_dir), "--to", "ctranslate2", "--out", str(exported)], "not empty"),
+        (["--model", str(trained_translation_dir), "--to", "onnx", "--out", str(tmp_path / "b")], "--to"),
+        (["--model", str(trained_translation_dir), "--to", "ctranslate2", "--out", str(tmp_path / "c"),
+          "--quantization", "int4"], "--quantization"),
+        (["--model", str(trained_translation_dir), "--to", "huggingface", "--out", str(tmp_path / "d"),
+          "--quantization", "int8"], "--quantization"),
+    ]
+    for args, words in cases:
+        assert main(["export", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+    source = tmp_path / "in.en"
+    source.write_text("A man.\n", encoding="utf-8")
+    assert main(["translate", "--model", str(trained_translation_dir), "--engine", "ctranslate2",
+                 "--input", str(source)]) == 2
+    assert "not an exported CTranslate2 folder" in capsys.readouterr().err
+
+
+def test_a_failed_export_leaves_no_folder(trained_translation_dir, tmp_path, capsys, monkeypatch):
+    """The disk fills up halfway through CTranslate2's write: one line, exit 2, no --out, no temporary folder."""
+    from transformer.export import ctranslate2 as exporter
+
+    def convert(self, output_dir, **kwargs):
+        (Path(output_dir) / "model.bin").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(exporter.TransformerConverter, "convert", convert)
+    assert main(["export", "--model", str(trained_translation_dir), "--to", "ctranslate2",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
