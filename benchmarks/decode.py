@@ -11,6 +11,7 @@ round-robin, one run of each in turn.
 
     python benchmarks/decode.py            # the table
     python benchmarks/decode.py --json     # the rows as JSON
+    python benchmarks/decode.py --profile int8 --batches 1 --beams 1   # where a decode of ours goes
 """
 
 from __future__ import annotations
@@ -184,6 +185,17 @@ def ct2_runner(translator, batch: int, beam: int, source_eos: bool = True):
 # ---- main -----------------------------------------------------------------------------------
 
 
+def profile(run, rows: int = 30) -> None:
+    """Print torch.profiler's table of one run (after a warm-up), by self CPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    run()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -195,11 +207,17 @@ def main() -> None:
     parser.add_argument("--options", default=None, help="only these options of ours (comma-separated)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--profile", metavar="OPTION", default=None,
+                        help="instead of the table: profile one decode of ours with this option, first batch and beam")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(x) for x in args.batches.split(",")]
     beams = [int(x) for x in args.beams.split(",")]
     systems = args.systems.split(",")
+    if args.profile is not None:
+        model = dict(ours_systems(args.profile.endswith("compile")))[args.profile]
+        profile(ours_runner(model, batches[0], beams[0]))
+        return
 
     cases: list[tuple[str, str, object, object]] = []  # (system, option, runner factory, model)
     hf_model = marian()
@@ -216,6 +234,7 @@ def main() -> None:
         cases += [("ours exported to CTranslate2", option, functools.partial(ct2_runner, source_eos=False), t)
                   for option, t in exported]
 
+    torch.set_num_threads(args.threads)  # again: converting to CTranslate2 resets torch's thread count
     rows = []
     for batch in batches:
         for beam in beams:

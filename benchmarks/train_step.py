@@ -12,6 +12,7 @@ Systems, all in this process on the same machine, all with label smoothing 0.1, 
 
 Usage:
   python benchmarks/train_step.py --presets small base --precisions fp32 bf16 [--json]
+  python benchmarks/train_step.py --presets small --precisions bf16 --profile ours   # where a step's time goes
 
 The systems are timed round-robin, one step each in turn, after warm-up steps; each gets
 the median of its steps. Prints target tokens/s, the ratio of ours to each peer, peak
@@ -213,6 +214,19 @@ def run_group(systems: list[str], preset_name: str, precision: str, batch: int, 
     return rows
 
 
+def profile(system: str, preset_name: str, precision: str, batch: int, length: int, steps: int, rows: int) -> None:
+    """Print torch.profiler's table of `steps` steps of `system` (after two warm-up steps), by self CPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step = make_step(system, preset(preset_name, vocab_size=VOCAB[preset_name]), precision, batch, length)
+    step(), step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        seconds = sum(step() for _ in range(steps))
+    print(f"{system} {preset_name} {precision} {batch}x{length}: {seconds / steps:.3f} s a step ({steps} profiled)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["small", "base"], choices=list(VOCAB))
@@ -225,7 +239,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--profile", choices=["ours", "ours+compile", "nn.Transformer", "hf-marian"],
+                        help="instead of timing: profile --steps steps of this system per preset and precision")
+    parser.add_argument("--profile-rows", type=int, default=25)
     args = parser.parse_args()
+
+    if args.profile:
+        for preset_name in args.presets:
+            for precision in args.precisions:
+                profile(args.profile, preset_name, precision, args.batch, args.length, args.steps, args.profile_rows)
+        return
 
     peaks = {p: gemm_peak(torch.float32 if p == "fp32" else torch.bfloat16, 256) for p in args.precisions}
     rows = []

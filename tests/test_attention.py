@@ -65,8 +65,9 @@ def test_fully_masked_row_gives_zeros_not_nan():
             assert (weights[1, :, 2] == 0).all()
 
 
-def _sdpa_before_2_5(q, k, v, attn_mask=None, dropout_p=0.0):
+def _sdpa_before_2_5(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
     """F.scaled_dot_product_attention as torch < 2.5 had it: NaN in a query row with every key masked."""
+    assert not is_causal
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
@@ -150,3 +151,29 @@ def test_layer_cache_appends_beyond_capacity_and_selects_rows():
     cache.select(torch.tensor([2, 0]))
     k, _ = cache.append(torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 4))
     assert torch.equal(k[:, :, :-1], full[[2, 0]])
+
+
+def test_causal_without_a_mask_tensor_equals_the_causal_mask_and_the_weights_path():
+    q, k, v = _qkv()
+    t = q.size(2)
+    mask = self_attention_mask(t, t, causal=True, window=None)
+    expected, _ = scaled_dot_product_attention(q, k, v, mask)
+    out, _ = scaled_dot_product_attention(q, k, v, causal=True)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    out_w, weights = scaled_dot_product_attention(q, k, v, causal=True, need_weights=True)
+    torch.testing.assert_close(out_w, expected, atol=1e-5, rtol=0)
+    assert (weights.triu(1) == 0).all()
+
+
+def test_training_under_cpu_bf16_autocast_computes_attention_in_fp32_with_the_same_result():
+    """The bf16 autocast training path runs the kernel in fp32 (its bf16 backward is slow on CPUs):
+    outputs within bf16 rounding of fp32, bf16 out, and gradients reaching q, k and v."""
+    q, k, v = (x.clone().requires_grad_() for x in _qkv())
+    reference, _ = scaled_dot_product_attention(q, k, v, causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        out, _ = scaled_dot_product_attention(qb, kb, vb, causal=True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=0)
+    out.float().sum().backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in (q, k, v))

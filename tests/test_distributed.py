@@ -160,7 +160,8 @@ def _toy_fit(out: Path, update_freq: int, batch_for_step) -> None:
     model = build_model(cfg)
     # Plain SGD: Adam would turn rounding noise on zero-gradient parameters into full-size steps.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    loop = LoopConfig(out=out, max_steps=2, update_freq=update_freq, progress=False, valid_every=100)
+    loop = LoopConfig(out=out, max_steps=2, update_freq=update_freq, progress=False, valid_every=100,
+                      precision="fp32")  # compared within 1e-6: not bf16
     objective = Objective(batch_for_step, _toy_loss, lambda m: {"loss": 0.0}, "loss", False)
     fit(loop, model, cfg, tokenizer, objective, say=lambda _: None,
         optimizer=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)))

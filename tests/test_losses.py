@@ -3,6 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from transformer.training import losses
 from transformer.training.losses import label_smoothed_cross_entropy
 
 PAD = 0
@@ -91,3 +92,36 @@ def test_gradients_of_loss_and_nll_match_autograd() -> None:
         (weights[0] * ref_loss + weights[1] * ref_nll).backward()
         torch.testing.assert_close(loss, ref_loss)
         torch.testing.assert_close(ours.grad, ref.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_gradient_is_the_fp32_gradient_rounded_once() -> None:
+    torch.manual_seed(4)
+    logits = torch.randn(6, 4, 50).bfloat16()
+    target = torch.randint(1, 50, (6, 4))
+    target[2, 1:] = PAD
+    ours = logits.clone().requires_grad_(True)
+    ref = logits.float().requires_grad_(True)
+    (0.9 * label_smoothed_cross_entropy(ours, target, 0.1, PAD)[0]).backward()
+    (0.9 * label_smoothed_cross_entropy(ref, target, 0.1, PAD)[0]).backward()
+    assert ours.grad.dtype == torch.bfloat16
+    assert torch.equal(ours.grad, ref.grad.bfloat16())  # the gold column too: no second rounding
+
+
+def test_chunks_of_rows_give_what_one_chunk_gives(monkeypatch) -> None:
+    torch.manual_seed(5)
+    logits = torch.randn(7, 5, 40) * 4
+    target = torch.randint(1, 40, (7, 5))
+    target[3, 2:] = PAD
+    results = []
+    for chunk in (10**6, 3 * 40):  # one chunk; chunks of 3 rows, the last of 2
+        monkeypatch.setattr(losses, "CHUNK", chunk)
+        x = logits.clone().requires_grad_(True)
+        loss, nll, _ = label_smoothed_cross_entropy(x, target, 0.1, PAD)
+        (0.6 * loss + 0.3 * nll).backward()
+        results.append((loss, nll, x.grad))
+    for one, many in zip(*results):
+        torch.testing.assert_close(many, one, rtol=0, atol=0)
+    ref = logits.clone().requires_grad_(True)
+    ref_loss, ref_nll = _autograd_reference(ref, target, 0.1, PAD)
+    (0.6 * ref_loss + 0.3 * ref_nll).backward()
+    torch.testing.assert_close(results[1][2], ref.grad, atol=1e-6, rtol=1e-5)

@@ -48,7 +48,7 @@ def test_adam_settings_and_weight_decay_groups() -> None:
     opt, _ = make_optimizer(model, OptimConfig().resolve(D, None))
     (group,) = opt.param_groups  # no weight decay: one group, plain Adam
     assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.98), 1e-9, 0.0)
-    assert group["foreach"] and not group["fused"]  # CPU parameters
+    assert group["fused"] and not group["foreach"]  # CPU parameters: the fused kernels
     assert len(group["params"]) == 2  # frozen parameters left out
     opt, _ = make_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.1).resolve(D, None))
     decayed, plain = opt.param_groups
@@ -74,3 +74,25 @@ def test_optimizer_updates_use_the_schedule() -> None:
         if step == 1:  # Adam's first update is lr * sign(grad)
             torch.testing.assert_close(before - model.weight.detach(), paper_lr(1, D, 10) * grad.sign())
     assert used == pytest.approx([paper_lr(s, D, 10) for s in range(1, 6)])
+
+
+def test_the_fused_cpu_adam_takes_the_foreach_steps() -> None:
+    """The fused kernels (the default on CPU) update as the foreach ones did, weight decay included."""
+    torch.manual_seed(1)
+    models = [nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = OptimConfig(lr=1e-2, warmup=3, weight_decay=0.1).resolve(D, None)
+    fused, _ = make_optimizer(models[0], cfg)
+    params = list(models[1].parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    foreach = torch.optim.AdamW(groups, lr=1e-2 * lr_factor(1, cfg), betas=(0.9, 0.98), eps=1e-9, foreach=True)
+    assert fused.param_groups[0]["fused"]
+    x = torch.randn(16, 6)
+    for _ in range(5):
+        for model, opt in zip(models, (fused, foreach)):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -292,7 +292,7 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
         # Plain SGD: Adam would turn rounding noise on zero-gradient parameters into full-size steps.
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         loop = LoopConfig(out=tmp_path / f"uf{update_freq}", max_steps=1, update_freq=update_freq,
-                          progress=False, valid_every=100)
+                          progress=False, valid_every=100, precision="fp32")  # exact sums: not bf16
         objective = Objective(batch_for_step, loss_fn, lambda m: {"loss": 0.0}, "loss", False)
         fit(loop, model, cfg, tokenizer, objective, say=lambda _: None,
             optimizer=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)))
@@ -304,16 +304,30 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
         torch.testing.assert_close(results[1][name], value, atol=1e-6, rtol=0, msg=name)
 
 
-def test_auto_precision_is_bf16_only_on_a_gpu_with_native_bf16(monkeypatch):
+def test_auto_precision_is_bf16_where_native_and_decoding_on_a_cpu_stays_fp32(monkeypatch):
     from transformer.training import precision as train_module
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(train_module, "native_bf16", lambda device: True)
     assert train_module.resolve_precision("auto", gpu) == ("bf16", "auto: the GPU has native bf16")
-    assert train_module.resolve_precision("auto", cpu)[0] == "fp32"  # opt-in on CPUs
+    assert train_module.resolve_precision("auto", gpu, training=False)[0] == "bf16"
+    assert train_module.resolve_precision("auto", cpu)[0] == "bf16"  # AVX-512-BF16 / AMX
+    assert train_module.resolve_precision("auto", cpu, training=False) == ("fp32", "auto: decoding on a CPU")
     monkeypatch.setattr(train_module, "native_bf16", lambda device: False)
     assert train_module.resolve_precision("auto", gpu)[0] == "fp32"
     assert train_module.resolve_precision("auto", cpu) == ("fp32", "auto: cpu has no native bf16")
     assert train_module.resolve_precision("bf16", cpu)[0] == "bf16"
+    assert train_module.resolve_precision("bf16", cpu, training=False)[0] == "bf16"
     with pytest.raises(train_module.UserError):
         train_module.resolve_precision("fp8", cpu)
+
+
+def test_native_bf16_on_a_cpu_needs_the_avx512_bf16_or_amx_flag_not_just_avx512(monkeypatch):
+    from transformer.training import precision as train_module
+
+    cpu = torch.device("cpu")
+    for flags, native in (({"avx512_f": True, "avx512_bw": True, "avx512_bf16": False, "amx_bf16": False}, False),
+                          ({"avx2": True}, False), ({"avx512_bf16": True, "amx_bf16": False}, True),
+                          ({"avx512_bf16": False, "amx_bf16": True}, True)):
+        monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda flags=flags: flags)
+        assert train_module.native_bf16(cpu) is native, flags

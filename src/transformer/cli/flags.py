@@ -77,8 +77,8 @@ def device(p: argparse.ArgumentParser) -> None:
 
 def precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="the precision the model computes in: auto = bf16 on a CUDA GPU with native bf16, "
-                        "else fp32 (bf16 on a CPU: ask for it; it is slow without native bf16)")
+                   help="the precision the model computes in: auto = bf16 where it is native (a CUDA GPU with "
+                        "bf16; for training also a CPU with AVX-512-BF16 or AMX), else fp32")
 
 
 def progress(p: argparse.ArgumentParser) -> None:

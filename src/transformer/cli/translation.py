@@ -67,7 +67,7 @@ def _decoding_model(args: argparse.Namespace):
 
     model, cfg, tokenizer, _ = flags.load(args)
     flags.require_arch(args, cfg, "encoder-decoder")
-    precision, _ = resolve_precision(args.precision, next(model.parameters()).device)
+    precision, _ = resolve_precision(args.precision, next(model.parameters()).device, training=False)
     decoder = model
     if precision != "fp32" or args.quantize != "none" or args.compile:
         try:

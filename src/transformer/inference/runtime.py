@@ -12,42 +12,56 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from transformer.model.attention import SplitInProjection
+from transformer.model.layers import DecoderLayer
 
-def _int8_linear(linear: nn.Linear) -> nn.Module:
-    """An nn.Linear as a dynamically quantized int8 linear layer (CPU)."""
+
+def _int8_linear(weight: Tensor, bias: Tensor | None) -> nn.Module:
+    """A linear layer of weight (out, in) and bias (out,) as a dynamically quantized int8 layer (CPU)."""
     from torch.ao.quantization import quantize_dynamic
 
+    linear = nn.Linear(weight.size(1), weight.size(0), bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
     with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated in favour of torchao
         warnings.simplefilter("ignore")
         return quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)[0]
 
 
-def _quantize_int8(model: nn.Module) -> None:
-    """Replace, in place, every nn.Linear but one by its int8 version.
+def _split_cross_projections(model: nn.Module) -> None:
+    """Replace, in place, each cross-attention's fused input projection by its pre-sliced
+    query and key/value layers (`SplitInProjection`)."""
+    for layer in model.modules():
+        if isinstance(layer, DecoderLayer) and layer.cross_attn is not None:
+            layer.cross_attn.in_proj = SplitInProjection(layer.cross_attn.in_proj)
 
-    Cross-attention's input projection is left in fp32: `MultiHeadAttention` slices its
-    weight (queries from the target, keys/values from the memory), which a quantized
-    layer does not expose. Its keys/values are computed once per source anyway.
-    An untied output projection (`out_proj` of the model) is replaced too, but the model
-    applies it with `F.linear(h, out_proj.weight)`, which a quantized layer does not
-    support (its `weight` is a method): `DecodingModel.project` calls it as a module.
+
+def _quantize_int8(model: nn.Module) -> None:
+    """Replace, in place, every linear layer (nn.Linear and its subclass `InProjection`) by its int8 version.
+
+    Cross-attention's projections are split first (`_split_cross_projections`), so its
+    queries and keys/values are int8 too. An untied output projection (`out_proj` of the
+    model) is replaced too, but the model applies it with `F.linear(h, out_proj.weight)`,
+    which a quantized layer does not support (its `weight` is a method):
+    `DecodingModel.project` calls it as a module.
     """
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            if child_name == "in_proj" and name.endswith("cross_attn"):
-                continue
-            setattr(module, child_name, _int8_linear(child))
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, _int8_linear(child.weight.detach(), child.bias))
 
 
 class DecodingModel(nn.Module):
     """A translation model (`EncoderDecoder`) prepared for fast decoding; the searches take it as the model.
 
-    precision "bf16" casts a copy of the weights to bfloat16 (fast only on CPUs and GPUs
-    with native bf16). quantize "int8" makes a copy whose linear layers, and the tied
-    output projection (an `F.linear` with the embedding matrix, so not an nn.Linear), are
-    int8 with dynamic activation quantization (`torch.ao.quantization`), CPU only.
+    The model is copied, and each cross-attention's input projection split into pre-sliced
+    query and key/value layers (`SplitInProjection`). precision "bf16" casts the weights
+    to bfloat16 (fast only on CPUs and GPUs with native bf16). quantize "int8" makes every
+    linear layer, and the tied output projection (an `F.linear` with the embedding matrix,
+    so not an nn.Linear), int8 with dynamic activation quantization
+    (`torch.ao.quantization`), CPU only.
     compile wraps encode/decode/project in `torch.compile`; if compiling or running a
     compiled function fails, it warns once and runs eagerly from then on.
     """
@@ -65,18 +79,15 @@ class DecodingModel(nn.Module):
         device = next(model.parameters()).device
         if quantize is not None and device.type != "cpu":
             raise ValueError(f"int8 dynamic quantization runs on the CPU, the model is on {device}")
-        if precision != "fp32" or quantize is not None:
-            model = copy.deepcopy(model)
-        model.eval()
+        model = copy.deepcopy(model).eval()
         if precision == "bf16":
             model.to(torch.bfloat16)
+        _split_cross_projections(model)
         self.head: nn.Module | None = None  # the output projection when it is replaced
         if quantize == "int8":
             _quantize_int8(model)
             if getattr(model, "out_proj", None) is None:  # tied: F.linear(h, embedding weight)
-                tied = nn.Linear(model.cfg.d_model, model.cfg.vocab_size, bias=False)
-                tied.weight = nn.Parameter(model.tgt_embed.tokens.weight.detach().clone())
-                self.head = _int8_linear(tied)
+                self.head = _int8_linear(model.tgt_embed.tokens.weight.detach(), None)
         self.model = model
         self.cfg = model.cfg
         self.precision, self.quantize = precision, quantize
@@ -85,6 +96,11 @@ class DecodingModel(nn.Module):
             self._compiled = {
                 name: torch.compile(getattr(self, f"_{name}"), dynamic=True) for name in ("encode", "decode", "project")
             }
+
+    @property
+    def beams_share_memory(self) -> bool:
+        """Whether a cached step takes one memory row per sentence (`EncoderDecoder.beams_share_memory`)."""
+        return self.model.beams_share_memory
 
     @property
     def compiled(self) -> bool:

@@ -84,13 +84,17 @@ class Seq2Seq(Protocol):
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """src (B, S) -> memory (B, S, d), memory_mask (B, 1, 1, S)."""
 
-    def decode(self, tgt: Tensor, memory: Tensor, memory_mask: Tensor, cache: Cache) -> Tensor:
-        """tgt (B, T) continuing `cache` -> (B, T, d)."""
+    def decode(self, tgt: Tensor, memory: Tensor, memory_mask: Tensor | None, cache: Cache) -> Tensor:
+        """tgt (B, T) continuing `cache` -> (B, T, d); memory_mask None when nothing is padded."""
 
     def project(self, h: Tensor) -> Tensor:
         """(B, T, d) -> logits (B, T, V)."""
 
     def new_cache(self) -> Cache: ...
+
+    # Optional: beams_share_memory, True when `decode` takes memory (B, S, d) and its mask with
+    # tgt (B·K, 1), the K beams of each sentence attending to its one memory row, and the cache
+    # has select_beams(index, sentences). Beam search then keeps the memory once per sentence.
 
 
 def length_penalty(n: int, alpha: float) -> float:
@@ -104,6 +108,11 @@ def max_lengths(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> Tensor:
     return (cfg.max_len_a * n + cfg.max_len_b).floor().long().clamp(1, model.cfg.max_len)
 
 
+def _masking(memory_mask: Tensor) -> Tensor | None:
+    """The memory mask (B, 1, 1, S), or None when it masks nothing (no padding): attention then skips it."""
+    return None if bool(memory_mask.all()) else memory_mask
+
+
 def _strip_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[:-1] if tokens and tokens[-1] == eos else tokens
 
@@ -113,6 +122,7 @@ def greedy_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[i
     """src (B, S) right-padded source ids -> B translations (token ids without BOS/EOS)."""
     bos, eos = model.cfg.bos_id, model.cfg.eos_id
     memory, memory_mask = model.encode(src)  # (B, S, d), (B, 1, 1, S)
+    memory_mask = _masking(memory_mask)
     limits = max_lengths(model, src, cfg)  # (B,)
     longest = int(limits.max())
     ids = torch.arange(src.size(0), device=src.device)  # the sentence of each live row
@@ -124,7 +134,7 @@ def greedy_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[i
         logits = model.project(model.decode(tokens[:, t - 1 : t], memory, memory_mask, cache))[:, -1]  # (B, V)
         if t <= cfg.min_len:
             logits[:, eos] = -math.inf
-        word = logits.argmax(dim=-1)  # (B,)
+        word = logits.max(dim=-1).indices  # (B,) the first maximum, as argmax, but 3-4x faster on CPU
         tokens[:, t] = word
         done = (word == eos) | (limits == t)  # (B,)
         if done.any():
@@ -134,9 +144,8 @@ def greedy_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[i
             if not len(keep):
                 break
             cache.select(keep)
-            memory, memory_mask, tokens, limits, ids = (
-                x[keep] for x in (memory, memory_mask, tokens, limits, ids)
-            )
+            memory, tokens, limits, ids = memory[keep], tokens[keep], limits[keep], ids[keep]
+            memory_mask = memory_mask[keep] if memory_mask is not None else None
     return out
 
 
@@ -152,12 +161,17 @@ def beam_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[Hyp
     """src (B, S) right-padded source ids -> per sentence its `cfg.n_best` hypotheses, best first.
 
     K = cfg.beam beams per sentence are the B·K rows of the decoder batch (sentence-major).
+    The memory has one row per sentence when the model allows (`beams_share_memory`), else
+    one per beam.
     """
     k, b, device = cfg.beam, src.size(0), src.device
     bos, eos = model.cfg.bos_id, model.cfg.eos_id
-    memory, memory_mask = model.encode(src)
-    memory = memory.repeat_interleave(k, dim=0)  # (B·K, S, d)
-    memory_mask = memory_mask.repeat_interleave(k, dim=0)  # (B·K, 1, 1, S)
+    memory, memory_mask = model.encode(src)  # (B, S, d), (B, 1, 1, S)
+    memory_mask = _masking(memory_mask)
+    shared = getattr(model, "beams_share_memory", False)
+    if not shared:
+        memory = memory.repeat_interleave(k, dim=0)  # (B·K, S, d)
+        memory_mask = memory_mask.repeat_interleave(k, dim=0) if memory_mask is not None else None
     limits = max_lengths(model, src, cfg)  # (B,)
     ids = torch.arange(b, device=device)  # the sentence of each live sentence slot
     scores = torch.full((b, k), -math.inf, device=device)  # (B, K) log-probs of the live beams
@@ -208,8 +222,14 @@ def beam_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[Hyp
         if len(keep) == n:  # reorder the beams: the cross-attention cache is the same for all beams
             getattr(cache, "reorder_beams", cache.select)(go_on_rows)
         else:  # reorder the beams and drop finished sentences at once
-            cache.select(go_on_rows[keep_rows])
-            memory, memory_mask = memory[keep_rows], memory_mask[keep_rows]
+            if shared:  # the memory and the cross-attention entries hold one row per sentence
+                cache.select_beams(go_on_rows[keep_rows], keep)
+                memory_rows = keep
+            else:
+                cache.select(go_on_rows[keep_rows])
+                memory_rows = keep_rows
+            memory = memory[memory_rows]
+            memory_mask = memory_mask[memory_rows] if memory_mask is not None else None
             scores, limits, n_finished, ids = scores[keep], limits[keep], n_finished[keep], ids[keep]
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[: cfg.n_best] for hyps in finished]
 

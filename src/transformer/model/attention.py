@@ -32,6 +32,7 @@ def scaled_dot_product_attention(
     mask: Tensor | None = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    causal: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """softmax(Q Kᵀ / sqrt(d_k)) V, equation (1) of the paper.
 
@@ -43,12 +44,25 @@ def scaled_dot_product_attention(
     (`F.scaled_dot_product_attention`); with it, the written-out formula below.
     The two paths are tested against each other. Both zero a query row whose keys
     are all masked here, whatever the kernel: before torch 2.5 the fused kernel
-    returns NaN there, and a softmax over all -inf is NaN.
+    returns NaN there, and a softmax over all -inf is NaN. `causal` (T_q = T_k, the
+    same positions) masks the keys after each query without a mask tensor.
+
+    Under bf16 autocast on a CPU with gradients on (training), the kernel runs in fp32:
+    PyTorch's CPU flash-attention backward measured about 8x slower in bf16 than in fp32
+    (BENCHMARKS.md, "LM training step against nanoGPT").
     """
+    if causal and need_weights:
+        mask = self_attention_mask(q.size(2), k.size(2), True, None, device=q.device)
     # the mask's shape with T_k -> 1: False where a query row may attend to no key
     has_key = None if mask is None else mask.any(dim=-1, keepdim=True)
     if not need_weights:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p, is_causal=causal
+                ).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
         if has_key is not None:
             out = out.masked_fill(~has_key, 0.0)  # (B, H, T_q, D)
         return out, None
@@ -90,18 +104,63 @@ def self_attention_mask(
     return mask
 
 
+class InProjection(nn.Linear):
+    """The Q, K and V projections of all heads, one (3·d_model, d_model) linear layer.
+
+    Self-attention applies it whole; cross-attention applies its query rows to the target
+    (`queries`) and its key/value rows to the memory (`keys_values`).
+    """
+
+    def queries(self, x: Tensor) -> Tensor:
+        """(..., d_model) -> (..., d_model)"""
+        d = self.in_features
+        return F.linear(x, self.weight[:d], self.bias[:d])
+
+    def keys_values(self, memory: Tensor) -> Tensor:
+        """(..., d_model) -> (..., 2·d_model): keys, then values."""
+        d = self.in_features
+        return F.linear(memory, self.weight[d:], self.bias[d:])
+
+
+class SplitInProjection(nn.Module):
+    """Cross-attention's `InProjection` cut into two layers: queries (d→d) and keys/values (d→2d).
+
+    The same function, pre-sliced (`DecodingModel`): a decoding step slices no weight, and
+    each part is an ordinary linear layer, so int8 quantization covers it.
+    """
+
+    def __init__(self, fused: InProjection) -> None:
+        super().__init__()
+        d = fused.in_features
+        self.q_proj = nn.Linear(d, d, dtype=fused.weight.dtype, device=fused.weight.device)
+        self.kv_proj = nn.Linear(d, 2 * d, dtype=fused.weight.dtype, device=fused.weight.device)
+        with torch.no_grad():
+            self.q_proj.weight.copy_(fused.weight[:d])
+            self.q_proj.bias.copy_(fused.bias[:d])
+            self.kv_proj.weight.copy_(fused.weight[d:])
+            self.kv_proj.bias.copy_(fused.bias[d:])
+
+    def queries(self, x: Tensor) -> Tensor:
+        return self.q_proj(x)
+
+    def keys_values(self, memory: Tensor) -> Tensor:
+        return self.kv_proj(memory)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention (section 3.2.2) for self-attention and cross-attention.
 
-    The Q, K and V projections of all heads are one (3·d_model, d_model) matrix,
-    which is the paper's per-head W_i^Q, W_i^K, W_i^V stacked; W^O is `out_proj`.
+    The Q, K and V projections of all heads are one (3·d_model, d_model) matrix
+    (`InProjection`), which is the paper's per-head W_i^Q, W_i^K, W_i^V stacked; W^O is
+    `out_proj`. `forward` serves every case; `step` is the lean path of one cached
+    decoding step in eval mode.
     """
 
     def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.attn_dropout = attn_dropout
-        self.in_proj = nn.Linear(d_model, 3 * d_model)
+        self.in_proj: InProjection | SplitInProjection = InProjection(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -139,7 +198,6 @@ class MultiHeadAttention(nn.Module):
         otherwise the dense masked path, as before.
         """
         d = x.size(-1)
-        w, b = self.in_proj.weight, self.in_proj.bias
         dropout_p = self.attn_dropout if self.training else 0.0
         if memory is None:
             q, k, v = self.in_proj(x).split(d, dim=-1)
@@ -153,19 +211,61 @@ class MultiHeadAttention(nn.Module):
                 k, v = cache.append_window(k, v, window)  # (B, H, n, D), n <= r + T
             elif cache is not None:
                 k, v = cache.append(k, v)  # (B, H, length, D)
+            # only causal, no padding, T_q = T_k: the kernel's own causal masking, no mask tensor
+            is_causal = causal and window is None and mask is None and cache is None
             # the queries are the last T of the n keys; None: nothing to add (full, or one query seeing all)
-            structure = self_attention_mask(x.size(1), k.size(2), causal, window, device=x.device)
+            structure = None if is_causal else self_attention_mask(x.size(1), k.size(2), causal, window, x.device)
             if structure is not None:
                 mask = structure if mask is None else mask & structure
         else:
-            q = self._heads(F.linear(x, w[:d], b[:d]))
+            is_causal = False
+            q = self._heads(self.in_proj.queries(x))
             if cache is not None and cache.k is not None:
                 k, v = cache.k, cache.v
             else:
-                k, v = F.linear(memory, w[d:], b[d:]).split(d, dim=-1)
-                k, v = self._heads(k), self._heads(v)  # (B, H, S, D)
-                if cache is not None:
-                    cache.set(k, v)
-        out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p, need_weights)
+                k, v = self._memory_keys_values(memory, cache)  # (B, H, S, D)
+        out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p, need_weights, is_causal)
         out = out.transpose(1, 2).reshape(x.shape)  # (B, T, d_model)
         return self.out_proj(out), weights
+
+    def _memory_keys_values(self, memory: Tensor, cache: LayerCache | None) -> tuple[Tensor, Tensor]:
+        """Cross-attention's keys and values of memory (B, S, d_model), (B, H, S, D) each; stored in `cache`."""
+        k, v = self.in_proj.keys_values(memory).split(memory.size(-1), dim=-1)
+        k, v = self._heads(k), self._heads(v)  # (B, H, S, D)
+        if cache is not None:
+            cache.set(k, v)
+        return k, v
+
+    def step(
+        self,
+        x: Tensor,
+        cache: LayerCache,
+        memory: Tensor | None = None,
+        mask: Tensor | None = None,
+        window: int | None = None,
+    ) -> Tensor:
+        """One cached decoding step in eval mode: x (B, d_model), one query per row -> (B, d_model).
+
+        The same as `forward(x[:, None], memory, mask, cache, window=window, causal=True)`,
+        with fewer calls. Self-attention (causal) when `memory` is None: this position's
+        keys/values are appended to `cache`. Cross-attention otherwise: the keys/values of
+        `memory` (B_m, S, d_model) are computed on the first step and kept in `cache`; `mask`
+        is its padding mask (B_m, 1, 1, S) or None. The memory may have fewer rows than x:
+        B = B_m·K, and the K consecutive rows of x (the beams of a sentence) attend to one
+        memory row, whose keys/values are kept once, not once per beam.
+        """
+        b, d = x.shape
+        heads = self.n_heads
+        if memory is None:
+            q, k, v = self.in_proj(x).view(b, 3, heads, 1, d // heads).unbind(1)  # (B, H, 1, D) each
+            if window is not None:
+                k, v = cache.append_window(k, v, window)  # (B, H, n, D)
+            else:
+                k, v = cache.append(k, v)  # (B, H, length, D)
+            # None unless the keys outgrew the window (an unbounded cache): one query sees every key
+            mask = self_attention_mask(1, k.size(2), True, window, device=x.device)
+        else:
+            k, v = (cache.k, cache.v) if cache.k is not None else self._memory_keys_values(memory, cache)
+            q = self.in_proj.queries(x).view(k.size(0), -1, heads, d // heads).transpose(1, 2)  # (B_m, H, K, D)
+        out, _ = scaled_dot_product_attention(q, k, v, mask)  # (B_m, H, K, D); self-attention: (B, H, 1, D)
+        return self.out_proj(out.transpose(1, 2).reshape(b, d))

@@ -147,6 +147,18 @@ class KVCache:
         for entry in self.self_attn + self.cross_attn:
             entry.select(index)
 
+    def select_beams(self, index: Tensor, sentences: Tensor) -> None:
+        """Keep self-attention rows `index` (B'·K,) and cross-attention rows `sentences` (B',).
+
+        For beam search whose cross-attention entries hold one row per sentence (the K beams
+        of a sentence share it, `MultiHeadAttention.step`): rows `index` are beams of the
+        sentences `sentences`, in that order.
+        """
+        for entry in self.self_attn:
+            entry.select(index)
+        for entry in self.cross_attn:
+            entry.select(sentences)
+
     def reorder_beams(self, index: Tensor) -> None:
         """Keep batch rows `index` of the self-attention entries only.
 

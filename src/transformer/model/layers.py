@@ -8,6 +8,7 @@ pre-norm `x + Dropout(Sublayer(LayerNorm(x)))` as an option (`norm_first`).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from transformer.config import ModelConfig
 from transformer.model.attention import MultiHeadAttention
 from transformer.model.cache import LayerCache
+from transformer.model.dropout import Dropout
 
 
 def sinusoid_table(max_len: int, d_model: int) -> Tensor:
@@ -66,7 +68,7 @@ class Residual(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)  # 16-bit masks, cheaper than nn.Dropout's (dropout.py)
         self.norm_first = cfg.norm_first
 
     def forward(self, x: Tensor, sublayer) -> tuple[Tensor, Tensor | None]:
@@ -144,3 +146,29 @@ class DecoderLayer(nn.Module):
             )
         x, _ = self.res_ffn(x, lambda h: (self.ffn(h), None))
         return x, self_w, cross_w
+
+    def step(
+        self,
+        x: Tensor,
+        self_cache: LayerCache,
+        cross_cache: LayerCache | None = None,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+    ) -> Tensor:
+        """One cached decoding step in eval mode: x (B, d_model) -> (B, d_model).
+
+        The same as `forward` on x[:, None] with these caches, without dropout, through
+        `MultiHeadAttention.step`. memory (B_m, S, d_model) may hold one row per K rows of x
+        (the beams of a sentence); memory_mask (B_m, 1, 1, S) or None.
+        """
+        x = _residual_step(self.res_self, x, lambda h: self.self_attn.step(h, self_cache, window=self.window))
+        if self.cross_attn is not None:
+            x = _residual_step(self.res_cross, x, lambda h: self.cross_attn.step(h, cross_cache, memory, memory_mask))
+        return _residual_step(self.res_ffn, x, self.ffn)
+
+
+def _residual_step(residual: Residual, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+    """`residual` around `sublayer` (B, d_model) -> (B, d_model) in eval mode (no dropout)."""
+    if residual.norm_first:
+        return x + sublayer(residual.norm(x))
+    return residual.norm(x + sublayer(x))

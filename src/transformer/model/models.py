@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from transformer.config import ModelConfig
 from transformer.model.attention import padding_mask
 from transformer.model.cache import KVCache
+from transformer.model.dropout import Dropout
 from transformer.model.layers import DecoderLayer, EncoderLayer, PositionalEncoding
 
 AttnWeights = dict[str, list[Tensor]]
@@ -35,7 +36,7 @@ class Embedding(nn.Module):
         super().__init__()
         self.tokens = tokens if tokens is not None else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.positions = PositionalEncoding(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)  # 16-bit masks (dropout.py)
         self.scale = math.sqrt(cfg.d_model)
 
     def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
@@ -76,7 +77,13 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         attn_weights: AttnWeights | None = None,
     ) -> Tensor:
-        """x (B, T, d_model) follows `cache.length` cached positions; memory (B, S, d_model)."""
+        """x (B, T, d_model) follows `cache.length` cached positions; memory (B, S, d_model).
+
+        A cached step of one position in eval mode takes the lean path (`DecoderLayer.step`),
+        where memory may also be (B / K, S, d_model), one row per K beams.
+        """
+        if cache is not None and x.size(1) == 1 and attn_weights is None and not self.training:
+            return self._step(x, memory, memory_mask, cache)
         for i, layer in enumerate(self.layers):  # the layers' self-attention is causal (and windowed)
             x, self_w, cross_w = layer(
                 x,
@@ -92,6 +99,15 @@ class Decoder(nn.Module):
                 if cross_w is not None:
                     attn_weights.setdefault("cross", []).append(cross_w)
         return self.norm(x) if self.norm is not None else x
+
+    def _step(self, x: Tensor, memory: Tensor | None, memory_mask: Tensor | None, cache: KVCache) -> Tensor:
+        """One cached position in eval mode: x (B, 1, d_model) -> (B, 1, d_model)."""
+        h = x[:, 0]  # (B, d_model)
+        for layer, self_cache, cross_cache in zip(self.layers, cache.self_attn, cache.cross_attn):
+            h = layer.step(h, self_cache, cross_cache, memory, memory_mask)
+        if self.norm is not None:
+            h = self.norm(h)
+        return h[:, None]
 
 
 class EncoderDecoder(nn.Module):
@@ -130,6 +146,13 @@ class EncoderDecoder(nn.Module):
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.n_decoder_layers)
+
+    @property
+    def beams_share_memory(self) -> bool:
+        """Whether a cached step (`decode` of one position with a cache) takes memory (B, S, d_model)
+        with tgt (B·K, 1), the K beams of a sentence attending to its one row: in eval mode
+        (`Decoder`'s lean step path; the searches' `Seq2Seq` protocol)."""
+        return not self.training
 
     def forward(self, src: Tensor, tgt: Tensor, attn_weights: AttnWeights | None = None) -> Tensor:
         """src (B, S), tgt (B, T) (shifted right, starting with BOS) -> logits (B, T, vocab)"""

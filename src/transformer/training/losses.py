@@ -5,14 +5,30 @@ the other V - 2 tokens, leaving padding out: pad is never a target, so it gets n
 probability mass. Positions whose target is pad are ignored altogether.
 
 The gradient is written out (softmax minus the smoothed target) in a custom autograd
-function, so that training keeps one vocabulary-sized tensor (the log-probabilities)
-instead of the several that autograd would build for log_softmax, gather and index.
+function, so that autograd builds none of the vocabulary-sized tensors of log_softmax,
+gather and index. The function keeps the logits and one log-sum-exp per row, and goes
+over the (N, V) logits in chunks of rows, forward and backward: on a CPU, a chunk's fp32
+working tensors (log-probabilities, then probabilities) fit in the cache, so that the
+step reads the logits and writes their gradient in memory, and allocates no (N, V) fp32
+tensor. That pays for bf16 logits (BENCHMARKS.md, the AMX Xeon section), not for fp32
+ones. On other devices the one chunk is every row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
+
+CHUNK = 2**20  # elements of a chunk of rows on a CPU: 4 MB in fp32
+
+
+def _chunks(logits: Tensor) -> Iterator[slice]:
+    """Row slices of the (N, V) logits: about CHUNK elements each on a CPU, all N rows elsewhere."""
+    n, vocab = logits.shape
+    step = max(1, CHUNK // vocab) if logits.device.type == "cpu" else max(n, 1)
+    return (slice(i, min(i + step, n)) for i in range(0, n, step))
 
 
 class _SmoothedCrossEntropy(torch.autograd.Function):
@@ -20,30 +36,43 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, epsilon: float, pad_id: int) -> tuple[Tensor, Tensor]:
-        vocab = logits.size(-1)
-        lp = torch.log_softmax(logits.float(), dim=-1)  # (N, V), the only vocabulary-sized tensor kept
-        gold = lp.gather(-1, target[:, None]).squeeze(-1)  # (N,)
-        others = lp.sum(-1) - lp[:, pad_id] - gold  # sum of log-probs over non-gold, non-pad tokens
+        n, vocab = logits.shape
+        lse, total, gold, pad = (torch.empty(n, device=logits.device) for _ in range(4))  # (N,) fp32 each
+        for rows in _chunks(logits):
+            z = logits[rows].float()  # (R, V)
+            lp = torch.log_softmax(z, dim=-1)  # (R, V)
+            lse[rows] = z.amax(-1) - lp.amax(-1)  # log sum exp z, from where lp is largest: precise
+            total[rows] = lp.sum(-1)
+            gold[rows] = lp.gather(-1, target[rows, None]).squeeze(-1)
+            pad[rows] = lp[:, pad_id]
+        others = total - pad - gold  # sum of log-probs over non-gold, non-pad tokens
         keep = target != pad_id
         loss = torch.where(keep, -(1.0 - epsilon) * gold - epsilon / (vocab - 2) * others, 0.0).sum()
         nll = torch.where(keep, -gold, 0.0).sum()
-        ctx.save_for_backward(lp, target, keep)
-        ctx.epsilon, ctx.pad_id, ctx.dtype = epsilon, pad_id, logits.dtype
+        ctx.save_for_backward(logits, lse, target, keep, gold.exp_(), pad.exp_())  # p of gold and of pad
+        ctx.epsilon, ctx.pad_id = epsilon, pad_id
         return loss, nll
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, grad_nll: Tensor):
-        # d loss / d z = p - q (q the smoothed target); d nll / d z = p - onehot(gold).
-        lp, target, keep = ctx.saved_tensors
+        # d loss / d z = p - q (q the smoothed target); d nll / d z = p - onehot(gold). So the gradient is
+        # p·(g_l + g_n) - g_l·uniform, except in the pad column (no target mass) and the gold one.
+        logits, lse, target, keep, p_gold, p_pad = ctx.saved_tensors
         eps, pad_id = ctx.epsilon, ctx.pad_id
-        uniform = eps / (lp.size(-1) - 2)
-        rows = torch.arange(lp.size(0), device=lp.device)
-        grad = lp.exp_()  # p, in place: lp is not needed again (no double backward)
-        grad.mul_(grad_loss + grad_nll).sub_(grad_loss * uniform)  # p·(g_l + g_n) - g_l·uniform
-        grad[:, pad_id] += grad_loss * uniform  # pad has no target mass
-        grad[rows, target] -= grad_loss * (1.0 - eps - uniform) + grad_nll
-        grad.mul_(keep[:, None])  # padded positions get no gradient
-        return grad.to(ctx.dtype), None, None, None
+        uniform = eps / (logits.size(-1) - 2)
+        scale, offset = grad_loss + grad_nll, grad_loss * uniform
+        grad = torch.empty_like(logits)
+        buffer = None
+        for rows in _chunks(logits):
+            if buffer is None:  # (R, V) fp32, reused by every chunk
+                buffer = torch.empty(rows.stop - rows.start, logits.size(-1), device=logits.device)
+            p = torch.sub(logits[rows], lse[rows, None], out=buffer[: rows.stop - rows.start]).exp_()
+            grad[rows] = p.mul_(scale).sub_(offset)
+        every = torch.arange(logits.size(0), device=logits.device)
+        grad[:, pad_id] = (p_pad * scale).to(grad.dtype)
+        grad[every, target] = (p_gold * scale - grad_loss * (1.0 - eps) - grad_nll).to(grad.dtype)
+        grad[~keep] = 0.0  # padded positions get no gradient
+        return grad, None, None, None
 
 
 def label_smoothed_cross_entropy(

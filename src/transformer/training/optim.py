@@ -84,7 +84,8 @@ def make_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the trainable parameters and its schedule; `cfg` resolved (see `OptimConfig.resolve`).
 
-    Fused kernels when every parameter lives on CUDA, else the foreach ones. Call
+    Fused kernels (one pass over each parameter's state) when every parameter lives on a CPU
+    or a CUDA GPU, else the foreach ones. Call
     ``scheduler.step()`` after each ``optimizer.step()``: LambdaLR counts from 0 and
     applies lambda(0) at construction, hence the shift by one.
     """
@@ -98,7 +99,7 @@ def make_optimizer(
         ]
     else:
         groups = [{"params": params, "weight_decay": 0.0}]
-    fused = all(p.device.type == "cuda" for p in params)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         fused=fused or None, foreach=None if fused else True,

@@ -19,29 +19,37 @@ def resolve_device(name: str) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes in bf16 natively (a CUDA GPU with bf16, or a CPU with AVX-512-BF16/AMX).
+    """Whether `device` computes in bf16 natively (a CUDA GPU with bf16, or a CPU with AVX-512-BF16 or AMX).
 
     On CPUs without it, bf16 matmuls take a slow path: 40x slower than fp32 on an AVX2 CPU
-    (BENCHMARKS.md).
+    (BENCHMARKS.md). oneDNN's own check (`_is_mkldnn_bf16_supported`) is also true on
+    AVX-512 CPUs that only emulate bf16, so the CPU's flags are read (through cpuinfo).
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    flags = torch._C._cpu._get_cpu_capability()  # cpuinfo's flags: {"avx512_bf16": True, ...}
+    return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
 
 
-def resolve_precision(name: str, device: torch.device) -> tuple[str, str]:
-    """The precision to train in, and why: `auto` picks bf16 autocast on a GPU with native bf16, else fp32.
+def resolve_precision(name: str, device: torch.device, training: bool = True) -> tuple[str, str]:
+    """The precision to compute in, and why: `auto` picks bf16 autocast where bf16 is native, else fp32.
 
-    CPUs get fp32 under `auto` even where bf16 is native (AVX-512-BF16/AMX): no such CPU was
-    at hand to measure that bf16 pays there and trains as well, so it stays opt-in
-    (`--precision bf16`); on CPUs without it, bf16 is about 40x slower (BENCHMARKS.md).
+    Native means a CUDA GPU with bf16, or, for training, a CPU with AVX-512-BF16 or AMX: there
+    a controlled Multi30k run (README, "Precision") trained to fp32's validation BLEU in the
+    same steps. Decoding on a CPU stays fp32 under `auto`, so that translations equal those of
+    the exports and of earlier runs; `--precision bf16` asks for bf16 weights. On CPUs without
+    native bf16, bf16 is about 40x slower (BENCHMARKS.md).
     """
     if name not in ("auto", "fp32", "bf16"):
         raise UserError(f"--precision {name}: choose fp32, bf16 or auto")
     if name != "auto":
         return name, "as asked"
-    if device.type == "cuda" and native_bf16(device):
+    if not native_bf16(device):
+        return "fp32", f"auto: {device.type} has no native bf16"
+    if device.type == "cuda":
         return "bf16", "auto: the GPU has native bf16"
-    if device.type == "cpu" and native_bf16(device):
-        return "fp32", "auto: fp32 on CPUs; --precision bf16 uses this CPU's native bf16"
-    return "fp32", f"auto: {device.type} has no native bf16"
+    if training:
+        return "bf16", "auto: this CPU has native bf16 (AVX-512-BF16/AMX)"
+    return "fp32", "auto: decoding on a CPU"
