@@ -37,7 +37,7 @@ def resolve_precision(name: str, device: torch.device, training: bool = True) ->
     """The precision to compute in, and why: `auto` picks bf16 autocast where bf16 is native, else fp32.
 
     Native means a CUDA GPU with bf16, or, for training, a CPU with AVX-512-BF16 or AMX: there
-    a controlled Multi30k run (README, "Precision") trained to fp32's validation BLEU in the
+    a controlled Multi30k run (README, "bf16 training on a CPU with AMX") trained to fp32's validation BLEU in the
     same steps. Decoding on a CPU stays fp32 under `auto`, so that translations equal those of
     the exports and of earlier runs; `--precision bf16` asks for bf16 weights. On CPUs without
     native bf16, bf16 is about 40x slower (BENCHMARKS.md).
