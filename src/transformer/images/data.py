@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from transformer.errors import UserError
+from transformer.files import cannot
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 BUNDLED = ("digits", "mnist")
@@ -66,7 +67,7 @@ def read_image(path: Path, channels: int | None = None) -> Tensor:
     except unidentified:
         raise UserError(f"{path}: not an image Pillow can read") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise cannot(path, "read", e) from None
     return data.view(height, width, channels).permute(2, 0, 1).float() / 255  # (C, H, W)
 
 

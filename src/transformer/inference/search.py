@@ -113,6 +113,22 @@ def _masking(memory_mask: Tensor) -> Tensor | None:
     return None if bool(memory_mask.all()) else memory_mask
 
 
+def _rows(x: Tensor | None, index: Tensor) -> Tensor | None:
+    """x[index], or None for None (a memory mask that masks nothing)."""
+    return None if x is None else x[index]
+
+
+def _beam_memory(model: Seq2Seq, src: Tensor, k: int) -> tuple[Tensor, Tensor | None, bool]:
+    """The memory of src (B, S) for K beams a sentence, its mask (None when nothing is padded), and whether
+    it has one row per sentence (`beams_share_memory`: (B, S, d)) rather than one per beam ((B·K, S, d))."""
+    memory, memory_mask = model.encode(src)  # (B, S, d), (B, 1, 1, S)
+    memory_mask = _masking(memory_mask)
+    if getattr(model, "beams_share_memory", False):
+        return memory, memory_mask, True
+    beam_of_row = torch.arange(src.size(0), device=src.device).repeat_interleave(k)  # (B·K,)
+    return memory[beam_of_row], _rows(memory_mask, beam_of_row), False
+
+
 def _strip_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[:-1] if tokens and tokens[-1] == eos else tokens
 
@@ -144,8 +160,8 @@ def greedy_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[i
             if not len(keep):
                 break
             cache.select(keep)
-            memory, tokens, limits, ids = memory[keep], tokens[keep], limits[keep], ids[keep]
-            memory_mask = memory_mask[keep] if memory_mask is not None else None
+            memory, memory_mask = memory[keep], _rows(memory_mask, keep)
+            tokens, limits, ids = tokens[keep], limits[keep], ids[keep]
     return out
 
 
@@ -166,12 +182,7 @@ def beam_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[Hyp
     """
     k, b, device = cfg.beam, src.size(0), src.device
     bos, eos = model.cfg.bos_id, model.cfg.eos_id
-    memory, memory_mask = model.encode(src)  # (B, S, d), (B, 1, 1, S)
-    memory_mask = _masking(memory_mask)
-    shared = getattr(model, "beams_share_memory", False)
-    if not shared:
-        memory = memory.repeat_interleave(k, dim=0)  # (B·K, S, d)
-        memory_mask = memory_mask.repeat_interleave(k, dim=0) if memory_mask is not None else None
+    memory, memory_mask, shared = _beam_memory(model, src, k)  # (B or B·K, S, d)
     limits = max_lengths(model, src, cfg)  # (B,)
     ids = torch.arange(b, device=device)  # the sentence of each live sentence slot
     scores = torch.full((b, k), -math.inf, device=device)  # (B, K) log-probs of the live beams
@@ -224,12 +235,10 @@ def beam_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[Hyp
         else:  # reorder the beams and drop finished sentences at once
             if shared:  # the memory and the cross-attention entries hold one row per sentence
                 cache.select_beams(go_on_rows[keep_rows], keep)
-                memory_rows = keep
             else:
                 cache.select(go_on_rows[keep_rows])
-                memory_rows = keep_rows
-            memory = memory[memory_rows]
-            memory_mask = memory_mask[memory_rows] if memory_mask is not None else None
+            memory_rows = keep if shared else keep_rows
+            memory, memory_mask = memory[memory_rows], _rows(memory_mask, memory_rows)
             scores, limits, n_finished, ids = scores[keep], limits[keep], n_finished[keep], ids[keep]
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[: cfg.n_best] for hyps in finished]
 
