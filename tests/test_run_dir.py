@@ -91,7 +91,10 @@ def test_an_interrupted_run_says_where_resume_continues(data, tmp_path):
     """^C (SIGINT) during training: exit 130, and one line saying from which step --resume continues."""
     out = tmp_path / "run"
     args = _args(data, out)[:-2] + ["--max-steps", "100000", "--valid-every", "2"]
-    job = subprocess.Popen([sys.executable, "-m", "transformer", *args], stderr=subprocess.PIPE, text=True)
+    # SIGINT's default action in the child: a shell that starts the tests in the background ignores it,
+    # the child would inherit that, and Python then installs no KeyboardInterrupt handler.
+    job = subprocess.Popen([sys.executable, "-m", "transformer", *args], stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list((out / "checkpoints").glob("step_*")) and time.monotonic() < deadline:
         time.sleep(0.2)

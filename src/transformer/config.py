@@ -31,6 +31,7 @@ class ModelConfig:
     n_decoder_layers: int = 6
     dropout: float = 0.1  # residual and embedding dropout (paper section 5.4)
     attn_dropout: float = 0.0  # on attention weights; the paper uses none
+    act_dropout: float = 0.0  # on the FFN's hidden ReLU output (fairseq's activation_dropout); the paper uses none
     norm_first: bool = False  # False = post-norm (paper); True = pre-norm option
     positions: Literal["sinusoidal", "learned"] = "sinusoidal"
     max_len: int = 1024  # longest sequence the positional table covers
@@ -81,6 +82,7 @@ _FIELD_RULES: dict[str, tuple] = {
     "n_decoder_layers": ("int", (0, True), None),
     "dropout": ("float", (0, True), (1, False)),
     "attn_dropout": ("float", (0, True), (1, False)),
+    "act_dropout": ("float", (0, True), (1, False)),
     "norm_first": ("bool", None, None),
     "positions": (("sinusoidal", "learned"), None, None),
     "max_len": ("int", (1, True), None),

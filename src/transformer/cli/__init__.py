@@ -89,13 +89,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
         argv = ["translation", *argv]
     parser = build_parser()
     args = _parse_args(parser, argv)
+    config: dict = {}
     if getattr(args, "config", None):
         try:
-            defaults = _config_defaults(args.parser, args.config)
+            config = _config_defaults(args.parser, args.config)
         except ArgumentsError:
             raise
         except UserError as e:
             raise ArgumentsError(args.parser.prog, str(e)) from None
+    # A --recipe's values under --config's, both under the command line's.
+    recipe = getattr(args, "recipe", None) or config.get("recipe")
+    defaults = {**(args.recipes[recipe] if recipe else {}), **config}
+    if defaults:
         args.parser.set_defaults(**defaults)
         args = _parse_args(parser, argv)
     return args

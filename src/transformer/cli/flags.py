@@ -116,6 +116,10 @@ def model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default="small", help=f"one of: {', '.join(PRESETS)}")
     shape(g)
     max_len(g, "longest sequence in tokens")
+    g.add_argument("--encoder-layers", type=number(int, 1), help="override the encoder's depth (after --layers)")
+    g.add_argument("--decoder-layers", type=number(int, 1), help="override the decoder's depth (after --layers)")
+    g.add_argument("--attn-dropout", type=number(float, 0, 1, below=True), help="dropout on the attention weights")
+    g.add_argument("--act-dropout", type=number(float, 0, 1, below=True), help="dropout on the FFN's hidden ReLU")
     g.add_argument("--attn-window", type=number(int, 0), help="restricted self-attention radius r")
     g.add_argument("--norm-first", action="store_true", help="pre-norm blocks instead of the paper's post-norm")
     g.add_argument("--positions", choices=["sinusoidal", "learned"], help="override the preset's positions")
@@ -123,10 +127,14 @@ def model(p: argparse.ArgumentParser) -> None:
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     """The preset named by --preset with the model flags given applied."""
-    fields = ("d_model", "n_heads", "d_ff", "dropout", "max_len", "attn_window", "positions")
+    fields = ("d_model", "n_heads", "d_ff", "dropout", "attn_dropout", "act_dropout", "max_len", "attn_window",
+              "positions")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.layers is not None:
         overrides |= {"n_encoder_layers": args.layers, "n_decoder_layers": args.layers}
+    for side in ("encoder", "decoder"):
+        if getattr(args, f"{side}_layers") is not None:
+            overrides[f"n_{side}_layers"] = getattr(args, f"{side}_layers")
     if args.norm_first:
         overrides["norm_first"] = True
     return preset(args.preset, **overrides)

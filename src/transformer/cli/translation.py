@@ -19,6 +19,13 @@ from transformer.errors import UserError
 # The paper's recipe (section 5).
 TRAIN_DEFAULTS = dict(schedule="inverse-sqrt", warmup=4000, beta2=0.98, adam_eps=1e-9, weight_decay=0.0,
                       valid_every=1000, keep_last=5)
+# Named recipes (--recipe): flag values under --config's and the command line's. "small-data": the best of an
+# hour of a 2-core CPU on about 30k pairs, chosen by the Multi30k ablations on the validation set (README,
+# "Multi30k results"; scripts/multi30k_ablations.py).
+RECIPES = {
+    "small-data": dict(preset="small", vocab_size=8000, dropout=0.2, max_tokens=2048, warmup=800, lr_scale=0.7,
+                       max_steps=5500, max_minutes=60.0, valid_every=250, keep_last=10),
+}
 
 
 def _train_config(args: argparse.Namespace):
@@ -36,7 +43,8 @@ def _train_config(args: argparse.Namespace):
         **paths, data_bin=args.data_bin and Path(args.data_bin), loop=flags.loop_config(args),
         vocab_size=args.vocab_size,
         tokenizer_type=args.tokenizer, byte_fallback=args.byte_fallback, max_tokens=args.max_tokens,
-        max_epochs=args.max_epochs, label_smoothing=args.label_smoothing, valid_bleu_lines=args.valid_bleu_lines,
+        max_epochs=args.max_epochs, label_smoothing=args.label_smoothing, bpe_dropout=args.bpe_dropout,
+        valid_bleu_lines=args.valid_bleu_lines,
         too_long=args.too_long,
     )
 
@@ -179,28 +187,24 @@ def _attention(args: argparse.Namespace) -> None:
 
 
 def _quickstart(args: argparse.Namespace) -> None:
-    """Train a small en->de model on the bundled Multi30k, then score it on test2016."""
-    from transformer.config import preset
+    """Train a small en->de model on the bundled Multi30k with the small-data recipe, then score it on test2016."""
+    from transformer.cli import parse
     from transformer.corpora import multi30k_dir
     from transformer.inference.search import SearchConfig
     from transformer.inference.translate import translate_lines
     from transformer.report.metrics import score
-    from transformer.tasks.translation import TranslationConfig, train
+    from transformer.tasks.translation import train
     from transformer.text.data import read_lines
     from transformer.training.checkpoint import load_model_dir
-    from transformer.training.loop import LoopConfig
-    from transformer.training.optim import OptimConfig
     from transformer.training.precision import resolve_device
 
     data = multi30k_dir()
-    loop = LoopConfig(out=Path(args.out), optim=OptimConfig(warmup=400, lr_scale=0.5), max_minutes=args.minutes,
-                      valid_every=250, keep_last=3, resume=args.resume, device=args.device)
-    cfg = TranslationConfig(
-        train_src=data / "train.en", train_tgt=data / "train.de", valid_src=data / "valid.en",
-        valid_tgt=data / "valid.de", loop=loop, vocab_size=8000, max_tokens=2048, valid_bleu_lines=300,
-    )
+    # `transformer train --recipe small-data`, in the time given
+    train_args = parse(["train", "--recipe", "small-data", "--data", str(data), "--out", args.out,
+                        "--max-minutes", str(args.minutes), "--keep-last", "3", "--valid-bleu-lines", "300",
+                        "--device", args.device, *(["--resume"] if args.resume else [])])
     start = time.perf_counter()
-    run = train(cfg, preset("small"), say=say)
+    run = train(_train_config(train_args), flags.model_config(train_args), say=say)
     model, _, tokenizer, meta = load_model_dir(run, resolve_device(args.device))
     src, ref = read_lines(data / "test2016.en"), read_lines(data / "test2016.de")
     hyps = translate_lines(model, tokenizer, src, SearchConfig(beam=4, alpha=0.6), batch_size=64, progress=True)
@@ -211,9 +215,7 @@ def _quickstart(args: argparse.Namespace) -> None:
     print(f"total time {(time.perf_counter() - start) / 60:.1f} min; model in {run}")
 
 
-def register(sub) -> None:
-    """The translation verbs, under `sub` (the subparsers of `transformer translation`)."""
-    preprocess.register(sub)
+def _register_train(sub) -> None:
     p = command(sub, "train", _train, "Train a translation model on parallel text files.")
     data = p.add_argument_group("data")
     flags.parallel_data(data, ("train", "valid"))
@@ -226,10 +228,22 @@ def register(sub) -> None:
     data.add_argument("--max-epochs", type=number(int, 1), help="stop after this many epochs")
     data.add_argument("--label-smoothing", type=number(float, 0, 1, below=True), default=0.1,
                       help="epsilon of label smoothing")
+    data.add_argument("--bpe-dropout", type=number(float, 0, 1, below=True), default=0.0,
+                      help="BPE-dropout: segment each epoch's training text anew, each merge skipped with this "
+                           "probability (unigram: subword sampling with this smoothing); 0 = off")
     data.add_argument("--valid-bleu-lines", type=number(int, 1),
                       help="decode only the first N validation lines for BLEU")
     flags.training(p, TRAIN_DEFAULTS)
+    p.add_argument("--recipe", choices=list(RECIPES),
+                   help="a named recipe: small-data = the README's Multi30k recipe for about 30k pairs on a CPU "
+                        "(small model, dropout 0.2, 2,048-token batches, 5,500 steps or 60 minutes)")
+    p.set_defaults(recipes=RECIPES)
 
+
+def register(sub) -> None:
+    """The translation verbs, under `sub` (the subparsers of `transformer translation`)."""
+    preprocess.register(sub)
+    _register_train(sub)
     p = command(sub, "translate", _translate, "Translate sentences from stdin (or --input) to stdout (or --output).")
     flags.model_dir(p)
     p.add_argument("--input", help="source sentences, one per line (default: stdin)")

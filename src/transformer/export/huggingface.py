@@ -116,7 +116,7 @@ def marian_config(cfg: ModelConfig):
         d_model=cfg.d_model, encoder_layers=cfg.n_encoder_layers, decoder_layers=cfg.n_decoder_layers,
         encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads,
         encoder_ffn_dim=cfg.d_ff, decoder_ffn_dim=cfg.d_ff, activation_function="relu",
-        dropout=cfg.dropout, attention_dropout=cfg.attn_dropout, activation_dropout=0.0, scale_embedding=True,
+        dropout=cfg.dropout, attention_dropout=cfg.attn_dropout, activation_dropout=cfg.act_dropout, scale_embedding=True,
         pad_token_id=cfg.pad_id, bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id, decoder_start_token_id=cfg.bos_id,
         forced_eos_token_id=None, share_encoder_decoder_embeddings=cfg.tie_embeddings,
         tie_word_embeddings=cfg.tie_embeddings,

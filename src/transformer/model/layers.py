@@ -51,15 +51,17 @@ class PositionalEncoding(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """FFN(x) = max(0, x W1 + b1) W2 + b2, equation (2)."""
+    """FFN(x) = max(0, x W1 + b1) W2 + b2, equation (2); optionally dropout on max(0, ...) in training."""
 
-    def __init__(self, d_model: int, d_ff: int) -> None:
+    def __init__(self, d_model: int, d_ff: int, act_dropout: float = 0.0) -> None:
         super().__init__()
         self.w1 = nn.Linear(d_model, d_ff)
         self.w2 = nn.Linear(d_ff, d_model)
+        self.dropout = Dropout(act_dropout) if act_dropout else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(torch.relu(self.w1(x)))
+        h = torch.relu(self.w1(x))  # (B, T, d_ff)
+        return self.w2(self.dropout(h) if self.dropout is not None else h)
 
 
 class Residual(nn.Module):
@@ -87,7 +89,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout)
         self.window = cfg.attn_window
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.act_dropout)
         self.res_attn = Residual(cfg)
         self.res_ffn = Residual(cfg)
 
@@ -113,7 +115,7 @@ class DecoderLayer(nn.Module):
         self.res_self = Residual(cfg)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout) if cross else None
         self.res_cross = Residual(cfg) if cross else None
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.act_dropout)
         self.res_ffn = Residual(cfg)
 
     def forward(

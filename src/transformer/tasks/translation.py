@@ -52,11 +52,15 @@ class TranslationConfig:
     too_long: str = "skip"  # a pair over max_len or --max-tokens: "skip" it (and count it) or make it an "error"
     max_epochs: int | None = None
     label_smoothing: float = 0.1
+    bpe_dropout: float = 0.0  # > 0: each epoch's training text segmented anew (`Segmentations`)
     valid_bleu_lines: int | None = None  # decode only the first N validation lines for BLEU
 
     def __post_init__(self) -> None:
         if self.too_long not in ("skip", "error"):
             raise UserError(f"--too-long {self.too_long}: choose skip or error")
+        if self.bpe_dropout and self.data_bin is not None:
+            raise UserError("--bpe-dropout segments the training text anew each epoch; it cannot read --data-bin's "
+                            "fixed ids (give the text files instead)")
 
     def to_dict(self) -> dict:
         """JSON-ready, without `loop` (the loop records itself)."""
@@ -124,10 +128,45 @@ def _folder_tokenizer(folder: DataFolder) -> Tokenizer:
     return Tokenizer.load(src)
 
 
-class EpochBatches:
-    """The i-th batch counting across epochs: epoch e's batches (seeded by e) follow epoch e-1's."""
+class Segmentations:
+    """BPE-dropout: epoch e's training pairs in a segmentation sampled from (seed, e) (`Tokenizer.encode_sampled`),
+    and its batches. Validation keeps the usual segmentation. A pair whose sampled form no longer fits the model
+    or a batch keeps its usual one. Holds one epoch at a time; the same (seed, e) give the same ids on a resume."""
 
-    def __init__(self, sampler: TokenBatchSampler) -> None:
+    def __init__(self, corpus: Corpus, tokenizer: Tokenizer, p: float, max_len: int, max_tokens: int,
+                 seed: int) -> None:
+        self.corpus, self.tokenizer, self.p, self.seed = corpus, tokenizer, p, seed
+        self.limit = min(max_len - 2, max_tokens - 1)
+        self.epoch: int | None = None
+        self.src: Sequence[list[int]] = corpus.src
+        self.tgt: Sequence[list[int]] = corpus.tgt
+
+    def pairs(self, epoch: int) -> tuple[Sequence[list[int]], Sequence[list[int]]]:
+        """Source and target ids of every training pair in epoch `epoch`."""
+        if epoch != self.epoch:
+            seed = (self.seed * 1_000_003 + epoch) * 2 % 2**32
+            src = self.tokenizer.encode_sampled(self.corpus.src_text, self.p, seed)
+            tgt = self.tokenizer.encode_sampled(self.corpus.tgt_text, self.p, seed + 1)
+            fits = [max(len(s), len(t)) <= self.limit for s, t in zip(src, tgt)]
+            self.src = [s if ok else usual for s, usual, ok in zip(src, self.corpus.src, fits)]
+            self.tgt = [t if ok else usual for t, usual, ok in zip(tgt, self.corpus.tgt, fits)]
+            self.epoch = epoch
+        return self.src, self.tgt
+
+    def arrays(self, epoch: int) -> list[np.ndarray]:
+        """Epoch `epoch`'s batches, cut by the lengths of its segmentation (`TokenBatchSampler.arrays`)."""
+        src, tgt = self.pairs(epoch)
+        sampler = self.corpus.sampler
+        return TokenBatchSampler([len(s) for s in src], [len(t) for t in tgt], sampler.max_tokens,
+                                 seed=sampler.seed, shuffle=True).arrays(epoch)
+
+
+class EpochBatches:
+    """The i-th batch counting across epochs: epoch e's batches (seeded by e) follow epoch e-1's.
+
+    `sampler` is a `TokenBatchSampler`, or `Segmentations` whose batches change with the epoch."""
+
+    def __init__(self, sampler: TokenBatchSampler | Segmentations) -> None:
         self.sampler = sampler
         self.epoch, self.start, self.batches = 0, 0, sampler.arrays(0)
 
@@ -145,9 +184,11 @@ class EpochBatches:
         return -(-batches // update_freq)
 
 
-def _to_device(corpus: Corpus, idx: list[int], device: torch.device):
+def _to_device(corpus: Corpus, idx: list[int], device: torch.device, segmentations: Segmentations | None = None,
+               epoch: int = 0):
     """A collated batch on `device`; on CUDA through pinned memory, copied without blocking."""
-    tensors = collate([corpus.src[i] for i in idx], [corpus.tgt[i] for i in idx])
+    src, tgt = segmentations.pairs(epoch) if segmentations is not None else (corpus.src, corpus.tgt)
+    tensors = collate([src[i] for i in idx], [tgt[i] for i in idx])
     if device.type == "cuda":
         return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
     return tuple(t.to(device) for t in tensors)
@@ -207,7 +248,12 @@ def _train(cfg: TranslationConfig, model_cfg: ModelConfig, say: Callable[[str], 
         valid_data = _load_corpus(cfg.valid_src, cfg.valid_tgt, tokenizer, stored_cfg.max_len, cfg, False, say)
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; "
         f"data: {len(train_data.src)} training, {len(valid_data.src)} validation pairs")
-    batches = EpochBatches(train_data.sampler)
+    segmentations = None
+    if cfg.bpe_dropout:
+        say(f"BPE-dropout {cfg.bpe_dropout}: each epoch's training pairs segmented anew")
+        segmentations = Segmentations(train_data, tokenizer, cfg.bpe_dropout, stored_cfg.max_len, cfg.max_tokens,
+                                      loop.seed)
+    batches = EpochBatches(segmentations or train_data.sampler)
     if cfg.max_epochs is not None:
         epoch_steps = batches.steps_in(cfg.max_epochs, loop.update_freq * world.world_size)
         loop = dataclasses.replace(loop, max_steps=min(loop.max_steps or epoch_steps, epoch_steps))
@@ -219,8 +265,12 @@ def _train(cfg: TranslationConfig, model_cfg: ModelConfig, say: Callable[[str], 
         loss, _, n = label_smoothed_cross_entropy(model(src, tgt_in), tgt_out, cfg.label_smoothing, stored_cfg.pad_id)
         return loss, int(n)
 
+    def batch(i: int):
+        idx = batches[i]  # first: it moves `batches.epoch` to the epoch of batch i
+        return _to_device(train_data, idx, device, segmentations, batches.epoch)
+
     objective = Objective(
-        batch=lambda i: _to_device(train_data, batches[i], device), loss=loss,
+        batch=batch, loss=loss,
         validate=lambda m: validate(m, tokenizer, valid_data, cfg, device), best_metric="bleu", higher_is_better=True,
     )
     return fit(loop, model, stored_cfg, tokenizer, objective, state, meta, say)

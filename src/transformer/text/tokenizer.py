@@ -125,6 +125,13 @@ class Tokenizer:
         """Token ids of each text, without BOS/EOS. Extra whitespace is ignored."""
         return self._sp.encode(texts, out_type=int)
 
+    def encode_sampled(self, texts: list[str], p: float, seed: int) -> list[list[int]]:
+        """Token ids as `encode`, but a segmentation sampled anew: BPE-dropout (Provilkov et al., 2020) for a
+        BPE model, each merge skipped with probability `p`; for a unigram model, subword regularisation (Kudo,
+        2018) with smoothing `p`. The same (texts, p, seed) give the same ids."""
+        spm.set_random_generator_seed(seed)  # one thread below, so the order of the draws is fixed too
+        return self._sp.encode(texts, out_type=int, enable_sampling=True, alpha=p, nbest_size=-1, num_threads=1)
+
     def encode_arrays(self, texts: list[str], threads: int = 1) -> list[np.ndarray]:
         """Token ids of each text as an int32 array, the same ids as `encode`, on `threads` threads."""
         return self._sp.encode(texts, return_type="numpy", num_threads=threads)

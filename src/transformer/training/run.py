@@ -74,7 +74,8 @@ def settle(cfg: LoopConfig, model_cfg: ModelConfig, wanted: ModelConfig, recorde
 # the resumed run another run; --resume refuses it.
 RESUMABLE = {"max_steps", "max_minutes", "max_epochs", "resume", "progress", "device", "precision",
              "log_every", "keep_last", "valid_every", "valid_bleu_lines", "eval_batches"}
-_FLAGS = {"n_encoder_layers": "--layers", "n_decoder_layers": "--layers", "tokenizer_type": "--tokenizer"}
+_FLAGS = {"n_encoder_layers": "--encoder-layers (or --layers)", "n_decoder_layers": "--decoder-layers (or --layers)",
+          "tokenizer_type": "--tokenizer"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
