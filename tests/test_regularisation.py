@@ -344,3 +344,15 @@ def test_bpe_dropout_with_data_bin_is_one_line(tmp_path, capsys) -> None:
                            "--preset", "tiny", "--bpe-dropout", "0.1"], capsys)
     assert err.startswith("transformer translation train: error: --bpe-dropout") and "--data-bin" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("task, flag", [("lm", "--encoder-layers"), ("mlm", "--decoder-layers")])
+def test_a_depth_flag_for_a_stack_the_task_lacks_is_one_line(task, flag, tmp_path, capsys) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("a few words\n" * 20)
+    out = tmp_path / "run"
+    assert main([task, "train", "--text", str(text), "--out", str(out), "--preset", "tiny", flag, "2",
+                 "--max-steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and "has no" in err[0], err
+    assert not out.exists()

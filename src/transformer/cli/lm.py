@@ -43,6 +43,8 @@ def _train(args: argparse.Namespace) -> None:
     from transformer.tasks.lm import LMConfig, train_lm
 
     flags.required(args, "text")
+    if args.encoder_layers is not None:
+        raise UserError("--encoder-layers: a GPT-style language model has no encoder; give --decoder-layers or --layers")
     cfg = LMConfig(
         text=Path(args.text), loop=flags.loop_config(args), vocab=args.vocab, vocab_size=args.vocab_size,
         valid_fraction=args.valid_fraction, block_size=args.block_size, batch_size=args.batch_size,

@@ -23,6 +23,9 @@ def _train(args: argparse.Namespace) -> None:
         raise UserError(f"--max-len {args.max_len}: must be >= {MIN_LEN} for a masked language model "
                         "([CLS], at least one token, [SEP])")
     flags.required(args, "text")
+    if args.decoder_layers is not None:
+        raise UserError("--decoder-layers: a BERT-style masked language model has no decoder; give --encoder-layers or "
+                        "--layers")
     cfg = MLMConfig(
         text=Path(args.text), loop=flags.loop_config(args), valid=Path(args.valid) if args.valid else None,
         vocab_size=args.vocab_size, batch_size=args.batch_size, max_len=args.max_len or 128, mask_prob=args.mask_prob,
