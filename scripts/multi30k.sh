@@ -67,4 +67,4 @@ for stage in $STAGES; do
     $stage "$1"
   fi
 done
-[[ " $STAGES " == *" score "* ]] && python "$SCRIPTS/multi30k_table.py" "$OUT"
+if [[ " $STAGES " == *" score "* ]]; then python "$SCRIPTS/multi30k_table.py" "$OUT"; fi
