@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "transformer" / "corpora" / "multi30k"
-STEPS = 5500  # what one core of the README's CPU trains in the hour (see the README)
+STEPS = 5500  # about what one core of the README's CPU trains in the hour (0.56 s a step alone)
 # The recipe of scripts/multi30k.sh before the ablations, at STEPS steps.
 BASE = ["--preset", "small", "--vocab-size", "8000", "--dropout", "0.1", "--max-tokens", "2048", "--warmup", "800",
         "--lr-scale", "0.7", "--valid-every", "250", "--keep-last", "10", "--seed", "1"]
@@ -53,6 +53,11 @@ STEP_COST = {"d0.3-e6d2": 1.15, "d0.3-wide": 2.17, "d0.3-tok4k": 1.84, "d0.3-v4k
 AVERAGES = {"avg5": (5, 1), "avg5x500": (10, 2), "avg10": (10, 1)}  # name: (last n checkpoints, every k-th)
 
 
+def planned(name: str) -> int:
+    """The steps of variant `name`: STEPS, or as many as take the same time on the CPU (`STEP_COST`)."""
+    return round(STEPS / STEP_COST.get(name, 1.0))
+
+
 def cli(*args: str, device: str, log: Path) -> None:
     """`transformer ARGS`, its output appended to `log`."""
     cmd = [sys.executable, "-m", "transformer", *args]
@@ -78,7 +83,7 @@ def run_variant(name: str, out: Path, device: str) -> dict:
     run, done = out / name, out / name / "result.json"
     if done.exists():
         return json.loads(done.read_text())
-    steps = round(STEPS / STEP_COST.get(name, 1.0))
+    steps = planned(name)
     cli("train", "--data", str(DATA), "--out", str(run), "--resume", *BASE, *VARIANTS[name][1],
         "--max-steps", str(steps), device=device, log=out / f"{name}.log")
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -111,10 +116,6 @@ def curve(run: Path) -> dict[int, float]:
     """Greedy validation BLEU at each validation of a run (its log.jsonl), by step."""
     records = (json.loads(line) for line in (run / "log.jsonl").read_text().splitlines())
     return {r["step"]: r["bleu"] for r in records if r["kind"] == "valid"}
-
-
-def planned(name: str) -> int:
-    return round(STEPS / STEP_COST.get(name, 1.0))
 
 
 def summary(c: dict[int, float], upto: float = float("inf")) -> tuple[float, float]:
