@@ -5,9 +5,11 @@ Multi30k test2016 (or `--input`/`--ref`) with our PyTorch search (fp32, and our 
 int8, `DecodingModel`) and with `CTranslate2Translator` on each export, and prints per system: sacreBLEU, the wall time of
 the whole test set (tokenize, search, detokenize; median of `--repeats` runs after a warm-up,
 systems taken in turn), and the share of sentences whose translation is identical to ours.
-Beam 4 with alpha 0.6 (the paper's) and greedy.
+Beam search (`--beam`, `--alpha`; 4 and 0.6, the paper's, unless told) and greedy.
 
     python benchmarks/export_quality.py --model runs/quickstart --threads 1
+    python benchmarks/export_quality.py --model runs/multi30k/de-en/avg10 --beam 4 --alpha 1.0 \
+        --input .../test2016.de --ref .../test2016.en
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of every system")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--alpha", type=float, default=0.6)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, _, tokenizer, _ = load_model_dir(Path(args.model))
@@ -59,7 +63,7 @@ def main() -> None:
         print(f"{args.input}: {len(lines)} sentences, {args.threads} thread(s), torch {torch.__version__}\n")
         print("| search | system | BLEU | wall time (s) | identical to ours |")
         print("|---|---|---:|---:|---:|")
-        for search in (SearchConfig(beam=4, alpha=0.6), SearchConfig(beam=1)):
+        for search in (SearchConfig(beam=args.beam, alpha=args.alpha), SearchConfig(beam=1)):
             outputs = {name: run(search) for name, run in systems.items()}  # warm-up, and the outputs
             times: dict[str, list[float]] = {name: [] for name in systems}
             for _ in range(args.repeats):

@@ -8,12 +8,16 @@ our search where CTranslate2 lets it:
   `max_decoding_length` per call, so sentences are translated in groups of equal limit;
 - `min_len` is CTranslate2's `min_decoding_length` (0 allows an empty translation, as ours);
 - greedy (beam 1) is CTranslate2's greedy search: the same tokens as ours in float32;
-- beam search: CTranslate2 ranks finished hypotheses by log P / n^length_penalty (n: the
-  generated tokens), ours by log P / ((5 + n) / 6)^alpha (GNMT; n counts the EOS). The two
-  rules coincide only at alpha = length_penalty = 0. So CTranslate2 is asked for its `beam`
-  best hypotheses with length_penalty 0 (their raw log-probabilities), and we pick among them
-  with our rule. Its search keeps and finishes beams by its own criteria, so with alpha > 0
-  the result can still differ from ours on a few sentences; at alpha 0 it is ours;
+- beam search: CTranslate2 ranks finished hypotheses by log P / n^length_penalty, ours by
+  log P / ((5 + n) / 6)^alpha (GNMT); n counts the EOS in both here (`return_end_token`). The
+  two rules differ for every alpha > 0, and at length_penalty 0 CTranslate2 also stops
+  differently: it ends a sentence once its best beam has finished, where ours (and
+  CTranslate2 with a non-zero length_penalty, patience 1) ends it once `beam` hypotheses have
+  finished. So CTranslate2 is asked for its `beam` best with length_penalty max(alpha/2, 0.001)
+  (never 0, which gives our stopping rule; alpha/2 ranks nearly as GNMT does); log P = score · n^length_penalty recovers their
+  log-probabilities and our rule picks among them. The result is our beam search (up to float
+  rounding) except when more than `beam` hypotheses finish and the one we would pick is not
+  among CTranslate2's `beam` best by its own rule;
 - an empty line gives an empty translation: CTranslate2 does not decode an empty source
   (ours translates the lone EOS).
 """
@@ -115,18 +119,28 @@ class CTranslate2Translator:
             group = list(group)
             results = self.translator.translate_batch(
                 [[self._pieces[t] for t in ids[i]] for i in group], max_batch_size=batch_size,
-                beam_size=search.beam, num_hypotheses=search.beam, length_penalty=0.0, return_scores=True,
+                beam_size=search.beam, num_hypotheses=search.beam, length_penalty=self._penalty(search.alpha),
+                return_end_token=True, return_scores=True,
                 max_decoding_length=limit, min_decoding_length=min(search.min_len, limit), max_input_length=0,
             )
             for i, result in zip(group, results):
-                out[i] = self._best(result, search.alpha, limit)
+                out[i] = self._best(result, search.alpha)
         return out
 
-    def _best(self, result, alpha: float, limit: int) -> list[int]:
-        """The hypothesis of `result` that our length penalty ranks first, as our ids."""
+    @staticmethod
+    def _penalty(alpha: float) -> float:
+        """CTranslate2's length_penalty for our alpha: n^(alpha/2) is the power of n nearest to GNMT's
+        ((5 + n) / 6)^alpha for n = 2..40 (least squares of the logarithms); never 0, where
+        CTranslate2 stops its search otherwise."""
+        return max(alpha / 2, 1e-3)
+
+    def _best(self, result, alpha: float) -> list[int]:
+        """The hypothesis of `result` that our length penalty ranks first, as our ids without EOS.
+
+        CTranslate2's score of a hypothesis of n tokens (its EOS included) is log P / n^penalty."""
         def ours(h: int) -> float:
             n = len(result.hypotheses[h])
-            return result.scores[h] / length_penalty(n + 1 if n < limit else n, alpha)  # n + 1: its EOS
+            return result.scores[h] * n ** self._penalty(alpha) / length_penalty(n, alpha)
 
-        best = max(range(len(result.hypotheses)), key=ours)
-        return [self._ids[p] for p in result.hypotheses[best]]
+        best = [self._ids[p] for p in result.hypotheses[max(range(len(result.hypotheses)), key=ours)]]
+        return best[:-1] if best and best[-1] == self.cfg.eos_id else best
