@@ -106,8 +106,9 @@ def test_int8_export_agrees_more_than_our_own_int8(trained, trained_translation_
     """int8 weights change the greedy output of this fragile tiny model on many sentences (its translations
     are long runs of half-learnt pieces with close log-probs): our own int8 (`DecodingModel`) keeps 21 of
     the 60, the int8 export 37. The issue's >= 95% is measured on the hour-long Multi30k models instead
-    (README, Export: 93.3% and 94.7%, and why an export cannot reach 95%). Here: the export is stored in int8, keeps our greedy output at least as often as our
-    own int8, and its log-probabilities of our translations stay within 0.1 of float32 on average."""
+    (README, "Multi30k results": 93.3% and 94.7%; Export: why no export of them can be expected to reach
+    95%). Here: the export is stored in int8, keeps our greedy output at least as often as our own int8,
+    and its log-probabilities of our translations stay within 0.1 of float32 on average."""
     model, tokenizer, ids, greedy = trained
     out = _export(trained_translation_dir, tmp_path / "int8", "--quantization", "int8")
     fp32_dir = _export(trained_translation_dir, tmp_path / "fp32")

@@ -13,11 +13,11 @@ our search where CTranslate2 lets it:
   two rules differ for every alpha > 0, and at length_penalty 0 CTranslate2 also stops
   differently: it ends a sentence once its best beam has finished, where ours (and
   CTranslate2 with a non-zero length_penalty, patience 1) ends it once `beam` hypotheses have
-  finished. So CTranslate2 is asked for its `beam` best with length_penalty max(alpha/2, 0.001)
-  (never 0, which gives our stopping rule; alpha/2 ranks nearly as GNMT does); log P = score · n^length_penalty recovers their
-  log-probabilities and our rule picks among them. The result is our beam search (up to float
-  rounding) except when more than `beam` hypotheses finish and the one we would pick is not
-  among CTranslate2's `beam` best by its own rule;
+  finished. So CTranslate2 is asked for its `beam` best with length_penalty max(alpha/2,
+  0.001): never 0, which gives our stopping rule, and alpha/2 ranks nearly as GNMT does.
+  log P = score · n^length_penalty recovers their log-probabilities, and our rule picks among
+  them. The result is our beam search (up to float rounding), except when more than `beam`
+  hypotheses finish and the one ours picks is not among CTranslate2's `beam` best by its rule;
 - an empty line gives an empty translation: CTranslate2 does not decode an empty source
   (ours translates the lone EOS).
 """
