@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import tempfile
 from pathlib import Path
 
@@ -31,9 +32,10 @@ import torch.nn.functional as F
 from transformer.corpora import multi30k_dir
 from transformer.export.ctranslate2 import export_ctranslate2
 from transformer.inference.ctranslate2 import CTranslate2Translator
-from transformer.inference.search import SearchConfig, greedy_search
+from transformer.inference.search import SearchConfig
+from transformer.inference.translate import translate_lines
 from transformer.model.models import EncoderDecoder
-from transformer.text.data import collate_source, read_lines
+from transformer.text.data import read_lines
 from transformer.training.checkpoint import load_model_dir
 
 KINDS = ("enc self Q,K,V", "enc self out", "enc W1", "enc W2", "dec self Q,K,V", "dec self out",
@@ -88,18 +90,6 @@ def emulated(model: EncoderDecoder, weights: set[str], inputs: set[str]):
                 p.copy_(saved[n])
 
 
-def greedy(model: EncoderDecoder, ids: list[list[int]], batch_size: int = 64) -> list[list[int]]:
-    """Our greedy translations of `ids`, in their order."""
-    out: list[list[int]] = [[] for _ in ids]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        src = collate_source([ids[i] for i in chunk], model.cfg.pad_id, model.cfg.eos_id)
-        for i, hyp in zip(chunk, greedy_search(model, src, SearchConfig(beam=1))):
-            out[i] = hyp
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a translation model directory (post-norm)")
@@ -111,16 +101,16 @@ def main() -> None:
     model, _, tokenizer, _ = load_model_dir(Path(args.model))
     model.eval()
     lines = read_lines(args.input)
-    ids = tokenizer.encode([line.strip() for line in lines])
-    ours = greedy(model, ids)
+    greedy = functools.partial(translate_lines, model, tokenizer, lines, SearchConfig(beam=1))
+    ours = greedy()
 
     everything = set(KINDS)
     with emulated(model, everything, everything):
-        emulation = greedy(model, ids)
+        emulation = greedy()
     with tempfile.TemporaryDirectory() as tmp:
         export_ctranslate2(model, tokenizer, Path(tmp), "int8")
-        export = CTranslate2Translator(tmp, threads=args.threads).translate_ids(ids, SearchConfig(beam=1))
-    print(f"{len(ids)} sentences, {args.threads} thread(s)\n")
+        export = CTranslate2Translator(tmp, threads=args.threads).translate(lines, SearchConfig(beam=1))
+    print(f"{len(lines)} sentences, {args.threads} thread(s)\n")
     print("| int8 on | greedy translations changed |\n|---|---:|")
     print(f"| the real CTranslate2 int8 export | {changed(export, ours)} |")
     print(f"| all layers, emulated (differs from the real export on {changed(emulation, export)}) "
@@ -130,10 +120,10 @@ def main() -> None:
     settings += [(f"{k} only (weight and input)", {k}, {k}) for k in KINDS]
     for label, weights, inputs in settings:
         with emulated(model, weights, inputs):
-            print(f"| {label} | {changed(greedy(model, ids), ours)} |", flush=True)
+            print(f"| {label} | {changed(greedy(), ours)} |", flush=True)
 
 
-def changed(a: list[list[int]], b: list[list[int]]) -> str:
+def changed(a: list[str], b: list[str]) -> str:
     """The share of sentences translated differently in a and b."""
     return f"{100 * sum(x != y for x, y in zip(a, b)) / len(a):.1f}%"
 
