@@ -58,9 +58,11 @@ def kind(name: str) -> str | None:
     return None
 
 
-def round_rows(x: torch.Tensor) -> torch.Tensor:
-    """x rounded to CTranslate2's int8 grid of each row (last dimension): 127 / max|row| steps."""
-    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+def round_rows(x: torch.Tensor, levels: int = 127) -> torch.Tensor:
+    """x rounded to an int8 grid of each row (last dimension): `levels` / max|row| steps. 127 is
+    CTranslate2's own (its converter's weights, and every input at run time); our export's weights
+    use 64 (export/ctranslate2.py)."""
+    scale = levels / x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
     return torch.round(x * scale) / scale
 
 

@@ -98,8 +98,11 @@ def _ctranslate2_translator(args: argparse.Namespace):
         raise UserError("--compile: only with --engine torch (CTranslate2 runs its own kernels)")
     compute_type = "int8" if args.quantize == "int8" else {"auto": "default", "fp32": "float32", "bf16": "bfloat16"}[
         args.precision]
-    return CTranslate2Translator(args.model, device=args.device, compute_type=compute_type,
-                                 search=flags.search_config(args))
+    translator = CTranslate2Translator(args.model, device=args.device, compute_type=compute_type,
+                                       search=flags.search_config(args))
+    if translator.backend:
+        say(translator.backend)
+    return translator
 
 
 def _translate_text(args: argparse.Namespace, lines: list[str], name: str) -> list[str]:

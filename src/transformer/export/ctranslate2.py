@@ -19,6 +19,11 @@ vocabulary). What the spec is told, so that CTranslate2 computes what our model 
 - the decoder starts from `<s>` (our BOS) and the source gets `</s>` (our EOS) appended,
   as `text.data.collate_source` does; LayerNorm epsilon from the config.
 
+int8 weights lie on the grid [-64, 64] of each row (scale 64 / max|row|), not CTranslate2's
+[-127, 127]: the int8 products of oneDNN's kernel for CPUs without VNNI (AMD's AVX2 CPUs, where
+CTranslate2 uses it) saturate in 16 bits beyond that, and every other backend computes the same
+exact products (`inference/ctranslate2.py`).
+
 The folder also holds `tokenizer.model` (our sentencepiece model) and `transformer.json`
 (our model config), so it can be used with ctranslate2 + sentencepiece alone, and
 `inference.ctranslate2` recognises it.
@@ -35,11 +40,13 @@ import numpy as np
 import torch
 from ctranslate2.converters import Converter
 from ctranslate2.specs import transformer_spec
+from ctranslate2.specs.model_spec import NumpyVariable, Variable, visit_spec
 from torch import nn
 
 from transformer.config import ModelConfig
 from transformer.errors import UserError
 from transformer.export import QUANTIZATIONS, write_folder
+from transformer.inference.ctranslate2 import INT8_MAX
 from transformer.model.layers import DecoderLayer, EncoderLayer, PositionalEncoding
 from transformer.model.models import Decoder, DecoderOnly, Embedding, Encoder, EncoderDecoder
 from transformer.text.tokenizer import Tokenizer
@@ -119,6 +126,34 @@ def _projection(spec, model: EncoderDecoder | DecoderOnly, tokens: nn.Embedding)
     spec.projection.weight = _array(model.out_proj.weight if model.out_proj is not None else tokens.weight)
 
 
+class _Int8Grid:
+    """CTranslate2's model spec, whose int8 weights are rounded to [-INT8_MAX, INT8_MAX] per row."""
+
+    def optimize(self, quantization: str | None = None) -> None:
+        floats = {}  # (layer spec, name) -> the float weight of each matrix CTranslate2 can quantize
+
+        def keep(spec, scope: str, value) -> None:
+            name = scope.split("/")[-1]
+            if isinstance(value, Variable) and not value.is_scalar() and hasattr(spec, f"{name}_scale"):
+                floats[id(spec), name] = (spec, name, value.to("float32").numpy().copy())
+
+        visit_spec(self, keep)
+        super().optimize(quantization)  # aliases tied matrices, quantizes to [-127, 127]
+        for spec, name, weight in floats.values():
+            if isinstance(getattr(spec, name), Variable) and getattr(spec, name).dtype == "int8":
+                scale = (INT8_MAX / np.maximum(np.abs(weight).max(axis=1), 1e-30)).astype(np.float32)
+                setattr(spec, name, NumpyVariable(np.rint(weight * scale[:, None]).astype(np.int8)))
+                setattr(spec, f"{name}_scale", NumpyVariable(scale))
+
+
+class _TransformerSpec(_Int8Grid, transformer_spec.TransformerSpec):
+    pass
+
+
+class _DecoderModelSpec(_Int8Grid, transformer_spec.TransformerDecoderModelSpec):
+    pass
+
+
 class TransformerConverter(Converter):
     """Our `EncoderDecoder` or `DecoderOnly` as a CTranslate2 model (see the module docstring).
 
@@ -140,12 +175,12 @@ class TransformerConverter(Converter):
         if cfg.arch == "decoder":
             decoder = transformer_spec.TransformerDecoderSpec(
                 cfg.n_decoder_layers, cfg.n_heads, pre_norm=cfg.norm_first, with_encoder_attention=False)
-            spec = transformer_spec.TransformerDecoderModelSpec(decoder)
+            spec = _DecoderModelSpec(decoder)
             _stack(spec.decoder, model.decoder, model.embed, cfg)
             _projection(spec.decoder, model, model.embed.tokens)
             spec.register_vocabulary(vocabulary)
         else:
-            spec = transformer_spec.TransformerSpec(
+            spec = _TransformerSpec(
                 transformer_spec.TransformerEncoderSpec(cfg.n_encoder_layers, cfg.n_heads, pre_norm=cfg.norm_first),
                 transformer_spec.TransformerDecoderSpec(cfg.n_decoder_layers, cfg.n_heads, pre_norm=cfg.norm_first),
             )
@@ -175,6 +210,8 @@ def export_ctranslate2(
         conv.convert(str(tmp), quantization=quantization, force=True)
         (tmp / TOKENIZER_FILE).write_bytes(tokenizer.to_bytes())
         meta = {"model": model.cfg.to_dict(), "quantization": quantization or "float32"}
+        if meta["quantization"].startswith("int8"):
+            meta["int8_max"] = INT8_MAX  # read by inference.ctranslate2
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
     write_folder(out, fill)

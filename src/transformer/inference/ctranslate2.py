@@ -20,11 +20,26 @@ our search where CTranslate2 lets it:
   hypotheses finish and the one ours picks is not among CTranslate2's `beam` best by its rule;
 - an empty line gives an empty translation: CTranslate2 does not decode an empty source
   (ours translates the lone EOS).
+
+int8 on the CPU. CTranslate2's x86 wheels carry two int8 matrix products and pick Intel MKL's
+on Intel CPUs, oneDNN's on the others (its `src/cpu/backend.cc`; CT2_USE_MKL overrides, read
+when `ctranslate2` is imported). Both take the input as unsigned bytes (the int8 input shifted
+by 128: 1..255) times the signed int8 weights. On CPUs without VNNI, oneDNN multiplies them with
+AVX2's `vpmaddubsw`, which adds each pair of products in a signed 16-bit lane and saturates
+there: 2·255·127 = 64,770 does not fit in 32,767 (oneDNN's guide, "Nuances of int8
+computations"). On an AMD EPYC (AVX2) that changed every greedy translation of the test model.
+Our export therefore stores int8 weights on the grid [-64, 64] (`export/ctranslate2.py`), where
+2·255·64 = 32,640 fits: every backend computes the same exact products. A folder exported
+before, or a float32 folder run as int8 (CTranslate2 quantizes it on load to [-127, 127]), is
+still inexact there; `backend_line` says so. (MKL's int8 is exact on AMD CPUs but,
+measured on the EPYC, 7x slower than oneDNN's and 3x slower than float32.)
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 from dataclasses import replace
 from itertools import groupby
 from pathlib import Path
@@ -38,6 +53,54 @@ from transformer.inference.translate import check_lengths
 from transformer.text.tokenizer import Tokenizer
 
 MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE = "model.bin", "tokenizer.model", "transformer.json"
+INTEL = "GenuineIntel"
+INT8_MAX = 64  # the export's int8 weights lie in [-INT8_MAX, INT8_MAX] (module docstring)
+
+
+def cpu_info() -> tuple[str | None, set[str]]:
+    """(vendor string, e.g. "GenuineIntel" or "AuthenticAMD", and flags) of an x86 CPU under Linux;
+    (None, set()) elsewhere."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return None, set()
+    vendor, flags = None, set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id" and vendor is None:
+                    vendor = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return vendor, flags
+
+
+def backend_line(vendor: str | None, flags: set[str], use_mkl: str | None, exact_grid: bool) -> str:
+    """The line that says which matrix product CTranslate2 runs int8 with on this CPU, with a warning
+    where it can saturate. `use_mkl`: CT2_USE_MKL as set (None: unset); `exact_grid`: the int8
+    weights lie in [-INT8_MAX, INT8_MAX]. CTranslate2's rule (version 4): MKL where CT2_USE_MKL is
+    "1"/"true"/"TRUE", oneDNN where it is set otherwise, MKL on Intel CPUs where it is unset."""
+    if vendor is None:
+        return "CTranslate2 int8 on this platform's backend"
+    mkl = use_mkl in ("1", "true", "TRUE") if use_mkl else vendor == INTEL
+    why = f"CT2_USE_MKL={use_mkl}" if use_mkl else f"CTranslate2's choice on {vendor}"
+    line = f"CTranslate2 int8 on {'Intel MKL' if mkl else 'oneDNN'} ({why})"
+    if mkl or exact_grid or flags & {"avx512_vnni", "avx_vnni"}:
+        return line
+    return (f"{line}: these int8 weights span [-127, 127], which oneDNN's int8 saturates on a CPU without "
+            "VNNI; export with --quantization int8 (this version keeps them in [-64, 64]), or set "
+            "CT2_USE_MKL=1 (exact, several times slower)")
+
+
+def import_ctranslate2():
+    """The `ctranslate2` module; UserError when it is not installed."""
+    try:
+        import ctranslate2
+    except ImportError:
+        raise UserError("the ctranslate2 engine needs the ctranslate2 package: "
+                        "pip install 'transformer[export]'") from None
+    return ctranslate2
 
 
 def is_ctranslate2_dir(path: str | Path) -> bool:
@@ -61,20 +124,19 @@ class CTranslate2Translator:
     "float32", "bfloat16", ...); `threads` its intra_threads (None: as many as PyTorch uses,
     `torch.get_num_threads()`, which follows OMP_NUM_THREADS; 0: CTranslate2's default). `search` holds
     everything of the search but beam and alpha, which `translate_batch` takes per call.
+    `backend` says which int8 matrix product runs (`backend_line`), or is None when the model
+    does not run int8 on the CPU.
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", compute_type: str = "default",
                  threads: int | None = None, search: SearchConfig | None = None) -> None:
-        try:
-            import ctranslate2
-        except ImportError:
-            raise UserError("the ctranslate2 engine needs the ctranslate2 package: "
-                            "pip install 'transformer[export]'") from None
+        ctranslate2 = import_ctranslate2()
         path = Path(path)
         if not is_ctranslate2_dir(path):
             raise UserError(f"{path}: not an exported CTranslate2 folder (no {MODEL_FILE} and {CONFIG_FILE})")
         try:
-            self.cfg = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))["model"])
+            meta = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+            self.cfg = ModelConfig.from_dict(meta["model"])
         except (OSError, ValueError, KeyError, TypeError, UserError) as e:
             raise UserError(f"{path / CONFIG_FILE}: not a model config ({e})") from None
         if self.cfg.arch != "encoder-decoder":
@@ -88,6 +150,11 @@ class CTranslate2Translator:
                                                      compute_type=compute_type, intra_threads=threads)
         except (RuntimeError, ValueError) as e:
             raise UserError(f"{path}: CTranslate2 cannot load it: {e}") from None
+        self.backend = None
+        if self.translator.device == "cpu" and self.translator.compute_type.startswith("int8"):
+            stored_int8 = str(meta.get("quantization", "")).startswith("int8")  # else quantized on load
+            exact = stored_int8 and meta.get("int8_max", 127) <= INT8_MAX
+            self.backend = backend_line(*cpu_info(), os.environ.get("CT2_USE_MKL") or None, exact)
         self._pieces = [self.tokenizer.id_to_piece(i) for i in range(self.tokenizer.vocab_size)]
         self._ids = {piece: i for i, piece in enumerate(self._pieces)}
 
