@@ -32,7 +32,7 @@ from transformer.inference.search import SearchConfig
 from transformer.inference.translate import translate_lines
 from transformer.report.metrics import score
 from transformer.text.data import read_lines
-from transformer.training.checkpoint import load_model_dir
+from transformer.store.modeldir import load_model_dir
 
 
 def main() -> None:

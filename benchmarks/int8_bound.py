@@ -36,7 +36,7 @@ from transformer.inference.search import SearchConfig
 from transformer.inference.translate import translate_lines
 from transformer.model.models import EncoderDecoder
 from transformer.text.data import read_lines
-from transformer.training.checkpoint import load_model_dir
+from transformer.store.modeldir import load_model_dir
 
 KINDS = ("enc self Q,K,V", "enc self out", "enc W1", "enc W2", "dec self Q,K,V", "dec self out",
          "dec cross Q,K,V", "dec cross out", "dec W1", "dec W2", "embedding / projection")

@@ -49,7 +49,7 @@ def untrained_small(folder: Path) -> Path:
     from transformer.config import preset
     from transformer.model.models import build_model
     from transformer.text.tokenizer import Tokenizer
-    from transformer.training.checkpoint import save_model_dir
+    from transformer.store.modeldir import save_model_dir
 
     data = multi30k_dir()
     text = [line for lang in ("en", "de") for line in (data / f"train.{lang}").read_text(encoding="utf-8").splitlines()]

@@ -1,7 +1,7 @@
 """Fault-injection sweep: a tiny training run, killed or failing at any one of its file operations, resumes
 exactly and never loses its best model.
 
-The file operations are those of the run directory's writer (training/checkpoint.py, training/loop.py,
+The file operations are those of the run directory's writer (training/modeldir.py, training/loop.py,
 training/run.py, files.py): os.mkdir, os.rmdir, os.unlink, os.rename, os.replace, os.fsync, shutil.rmtree, and
 every open() for writing and write() of a file (torn: half its bytes reach the file first). A dry run
 counts them, K in all. Then, for k = 1..K and each mode:
@@ -63,10 +63,11 @@ import torch._dynamo  # noqa: E402, F401
 from transformer.cli import main  # noqa: E402 - after the thread setting
 from transformer import files  # noqa: E402
 from transformer.corpora import multi30k_dir, tinyshakespeare_path  # noqa: E402
+from transformer.store import modeldir  # noqa: E402
 from transformer.training import checkpoint, loop, run  # noqa: E402
 
 OS_OPS = ("mkdir", "rmdir", "unlink", "rename", "replace", "fsync")
-OURS = {os.path.realpath(m.__file__) for m in (checkpoint, loop, run, files)}
+OURS = {os.path.realpath(m.__file__) for m in (checkpoint, modeldir, loop, run, files)}
 _LIBS = tuple({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
 _STDLIB = sysconfig.get_paths()["stdlib"]
 
@@ -151,7 +152,7 @@ class Faults:
         for op in OS_OPS:
             setattr(os, op, self._wrap_os(op, getattr(os, op)))
         shutil.rmtree = self._wrap_os("rmtree", shutil.rmtree)
-        checkpoint.open = self._open  # the module's own open(): its writes of files and of the log
+        files.open = self._open  # files.py's own open(): every write of a file and of the log
         return self
 
 
@@ -244,15 +245,15 @@ def summary(out: Path, metric: str) -> dict:
         "checkpoints": {},
     }
     for path in checkpoint.list_checkpoints(out):
-        model, *_ = checkpoint.load_model_dir(path)
-        state = checkpoint.load_train_state(path)
+        model, *_ = modeldir.load_model_dir(path)
+        state = modeldir.load_train_state(path)
         result["checkpoints"][path.name] = {
             "weights": _digest(model.state_dict()),
             "optimizer": _digest(_flat_tensors(state["optimizer"])),
             "state": [state["step"], state["best"], state.get("best_step")],
             "files": sorted(os.listdir(path)),
         }
-    model, _, _, meta = checkpoint.load_model_dir(out)
+    model, _, _, meta = modeldir.load_model_dir(out)
     result["top"] = {"weights": _digest(model.state_dict()), "best_step": meta["best"]["step"]}
     return result
 
@@ -260,9 +261,9 @@ def summary(out: Path, metric: str) -> dict:
 def _leftovers(out: Path) -> list[str]:
     """Temporaries a failed command must not leave: *.tmp-* anywhere, .next files without a journal."""
     found = []
-    for folder, dirs, files in os.walk(out):
-        for name in dirs + files:
-            if ".tmp-" in name or (name.endswith(".next") and ".commit" not in files):
+    for folder, dirs, names in os.walk(out):
+        for name in dirs + names:
+            if ".tmp-" in name or (name.endswith(".next") and ".commit" not in names):
                 found.append(os.path.relpath(os.path.join(folder, name), out))
     return found
 

@@ -39,9 +39,10 @@ from transformer.config import vision_preset
 from transformer.images.captions import caption, compose
 from transformer.model.captioner import trained_parameters
 from transformer.report.image_attention import caption_attention, plot_image_attention
-from transformer.tasks.caption import CaptionTrainConfig, digit_splits, exact_match, load_captioner, load_tokenizer
+from transformer.store.kinds import load_captioner, load_tokenizer, load_vit
+from transformer.tasks.caption import CaptionTrainConfig, digit_splits, exact_match
 from transformer.tasks.caption import train_captioner
-from transformer.tasks.vision import ViTConfig, accuracy, load_vit, splits, train_vit
+from transformer.tasks.vision import ViTConfig, accuracy, splits, train_vit
 from transformer.training.loop import LoopConfig
 from transformer.training.optim import OptimConfig
 

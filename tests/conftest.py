@@ -39,7 +39,7 @@ def untrained_model_dir(tmp_path_factory) -> Path:
     from transformer.config import preset
     from transformer.model.models import build_model
     from transformer.text.tokenizer import Tokenizer
-    from transformer.training.checkpoint import save_model_dir
+    from transformer.store.modeldir import save_model_dir
 
     tokenizer = Tokenizer.train(["a man rides a horse .", "ein mann reitet ein pferd ."] * 20, 40)
     cfg = preset("tiny", vocab_size=tokenizer.vocab_size, n_encoder_layers=1, n_decoder_layers=1)

@@ -53,9 +53,9 @@ def test_target_too_long_is_one_line_user_error(model, tokenizer):
         attention_maps(model, tokenizer, "a man", target)
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith("--target: the target has 16 tokens") and "limit of 15" in message
+    assert message.startswith("`target`: the target has 16 tokens") and "limit of 15" in message
     long = "two dogs play in the snow and a man rides a horse"  # far past the limit
-    with pytest.raises(UserError, match=r"--target: the target has \d+ tokens, over the model's limit of 15"):
+    with pytest.raises(UserError, match=r"`target`: the target has \d+ tokens, over the model's limit of 15"):
         attention_maps(model, tokenizer, "a man", long)
 
 
@@ -90,5 +90,5 @@ def test_own_translation_with_default_search_is_drawn(model, tokenizer):
 
 
 def test_source_too_long_is_still_a_user_error(model, tokenizer):
-    with pytest.raises(UserError, match="--sentence:1: sentence has .* over the model's limit of 15"):
+    with pytest.raises(UserError, match="`sentence`:1: sentence has .* over the model's limit of 15"):
         attention_maps(model, tokenizer, "two dogs play in the snow", "a dog")

@@ -16,9 +16,10 @@ from transformer.images.data import bundled
 from transformer.inference.captions import generate_ids
 from transformer.model.captioner import QFormer, build_captioner, trained_parameters
 from transformer.report.image_attention import caption_attention
-from transformer.tasks.caption import caption_ids, caption_loss, load_captioner
-from transformer.tasks.vision import load_vit
-from transformer.training.checkpoint import load_model_dir
+from transformer.store.kinds import load_captioner
+from transformer.tasks.caption import caption_ids, caption_loss
+from transformer.store.kinds import load_vit
+from transformer.store.modeldir import load_model_dir
 from transformer.training.optim import OptimConfig, make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -255,4 +256,4 @@ def test_caption_command_errors(caption_lm, tmp_path, capsys):
     small = tmp_path / "wide.png"
     Image.new("L", (8, 8)).save(small)
     assert main(["caption", "generate", "--model", str(caption_lm), str(small)]) == 2
-    assert "not a caption model directory" in capsys.readouterr().err
+    assert "not a captioner; it holds a language model" in capsys.readouterr().err

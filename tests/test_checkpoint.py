@@ -13,22 +13,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from transformer.training import checkpoint
-from transformer.training.checkpoint import (
-    atomic_write_bytes,
-    average_checkpoints,
-    checkpoint_dir,
-    copy_model_dir,
-    list_checkpoints,
-    load_model_dir,
-    load_train_state,
-    load_weights,
-    prune_checkpoints,
-    save_model_dir,
-    save_weights,
-    tidy_run,
-    write_average,
-)
+from transformer.store import modeldir
+from transformer import files
+from transformer.training.checkpoint import average_checkpoints, checkpoint_dir, list_checkpoints, prune_checkpoints, tidy_run, write_average
+from transformer.files import atomic_write_bytes
+from transformer.store.modeldir import copy_model_dir, load_model_dir, load_train_state, load_weights, save_model_dir, save_weights
 from transformer.config import preset
 from transformer.errors import UserError
 from transformer.model.models import build_model
@@ -130,7 +119,7 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
 
     for name in ("replace", "rename", "fsync", "unlink", "rmdir"):
         monkeypatch.setattr(os, name, wrap(getattr(os, name)))
-    write = checkpoint._write_file
+    write = files.write_synced
 
     def torn_write(path: Path, data: bytes) -> None:
         if step():
@@ -138,7 +127,7 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
             raise Crash
         write(path, data)
 
-    monkeypatch.setattr(checkpoint, "_write_file", torn_write)
+    monkeypatch.setattr(files, "write_synced", torn_write)
 
 
 def crash_every_step(setup, save, check) -> int:
@@ -246,10 +235,11 @@ import torch
 
 torch.set_num_threads(1)
 os.fsync = lambda fd: None  # durability against power loss is not under test here: save the disk time
+from transformer import files
 from transformer.config import preset
 from transformer.model.models import build_model
-from transformer.training import checkpoint
-from transformer.training.checkpoint import checkpoint_dir, prune_checkpoints, save_model_dir
+from transformer.training.checkpoint import checkpoint_dir, prune_checkpoints
+from transformer.store.modeldir import save_model_dir
 
 root = Path(sys.argv[1])
 toks = {1: Path(sys.argv[2]).read_bytes(), 2: Path(sys.argv[3]).read_bytes()}
@@ -303,7 +293,7 @@ def arm(k):
 
     for name in ("mkdir", "replace", "rename", "fsync", "unlink", "rmdir"):
         setattr(os, name, wrap(getattr(os, name)))
-    write = checkpoint._write_file
+    write = files.write_synced
 
     def torn_write(path, data):
         if reached():
@@ -312,7 +302,7 @@ def arm(k):
             os.kill(os.getpid(), signal.SIGKILL)
         write(path, data)
 
-    checkpoint._write_file = torn_write
+    files.write_synced = torn_write
     return calls
 
 
@@ -513,10 +503,10 @@ def test_average_never_overwrites_a_checkpoint(tmp_path: Path, tok_bytes: bytes)
     a, b, c = list_checkpoints(run)
     (tmp_path / "link").symlink_to(b)
     for out in (b, Path(f"{b}/."), tmp_path / "link", run / "checkpoints" / ".." / "checkpoints" / b.name):
-        with pytest.raises(UserError, match="--out is one of the checkpoints to average") as info:
+        with pytest.raises(UserError, match="`out` is one of the checkpoints to average") as info:
             write_average([a, b], out)
         assert str(out) in str(info.value) and "\n" not in str(info.value)
-    with pytest.raises(UserError, match="--out is a training checkpoint"):
+    with pytest.raises(UserError, match="`out` is a training checkpoint"):
         write_average([a, b], c)
     for path, value in ((a, 1), (b, 2), (c, 3)):  # untouched, train state included
         assert saved_value(path) == value and load_train_state(path) == {"value": value}
@@ -553,7 +543,7 @@ def fail_at(monkeypatch: pytest.MonkeyPatch, k: int, code: int = errno.ENOSPC) -
 
     for name in ("replace", "rename", "fsync", "unlink", "rmdir", "mkdir"):
         monkeypatch.setattr(os, name, wrap(getattr(os, name)))
-    write = checkpoint._write_file
+    write = files.write_synced
 
     def torn_write(path: Path, data: bytes) -> None:
         if step():
@@ -561,7 +551,7 @@ def fail_at(monkeypatch: pytest.MonkeyPatch, k: int, code: int = errno.ENOSPC) -
             raise OSError(code, os.strerror(code))
         write(path, data)
 
-    monkeypatch.setattr(checkpoint, "_write_file", torn_write)
+    monkeypatch.setattr(files, "write_synced", torn_write)
 
 
 def fail_every_step(setup, save, check) -> int:
@@ -587,9 +577,9 @@ def fail_every_step(setup, save, check) -> int:
 def litter(folder: Path) -> list[str]:
     """What a failed save must not leave: temporaries anywhere, .next files without a journal."""
     found = []
-    for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            if ".tmp-" in name or (name.endswith(".next") and ".commit" not in files):
+    for root, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            if ".tmp-" in name or (name.endswith(".next") and ".commit" not in names):
                 found.append(name)
     return found
 
@@ -697,5 +687,5 @@ def test_copy_model_dir(tmp_path: Path, tok_bytes: bytes) -> None:
     copy_model_dir(source, tmp_path / "run", meta={"value": 4.0})
     assert saved_value(tmp_path / "run") == 4.0 and load_train_state(tmp_path / "run") is None
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
-    assert checkpoint.read_meta(tmp_path / "run") == {"value": 4.0}
-    assert checkpoint.read_meta(tmp_path / "nowhere") is None and checkpoint.read_meta(source.parent) is None
+    assert modeldir.read_meta(tmp_path / "run") == {"value": 4.0}
+    assert modeldir.read_meta(tmp_path / "nowhere") is None and modeldir.read_meta(source.parent) is None

@@ -10,7 +10,7 @@ from transformer.cli import main
 from transformer.cli.lm import unescape
 from transformer.corpora import tinyshakespeare_path
 from transformer.errors import UserError
-from transformer.training.checkpoint import load_model_dir
+from transformer.store.modeldir import load_model_dir
 
 
 @pytest.fixture(scope="module")

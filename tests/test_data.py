@@ -86,9 +86,9 @@ def test_encode_pairs_and_length_limit() -> None:
         encode_pairs(WordTokenizer(), pairs, 4, "x.en", "x.de")
     assert str(e.value) == (
         "x.de:3: sentence has 3 tokens, over the limit of 2 "
-        "(raise the model's max_len, clean the data, or skip such pairs with --too-long skip)"
+        "(raise the model's max_len, clean the data, or skip such pairs with `too_long` skip)"
     )
-    with pytest.raises(UserError, match=r"x\.en:1: sentence needs 3 tokens, more than --max-tokens 2"):
+    with pytest.raises(UserError, match=r"x\.en:1: sentence needs 3 tokens, more than `max_tokens` 2"):
         encode_pairs(WordTokenizer(), pairs, 9, "x.en", "x.de", max_tokens=2)
 
 
@@ -163,7 +163,7 @@ def test_batches_group_similar_lengths() -> None:
 
 
 def test_sentence_over_max_tokens() -> None:
-    with pytest.raises(UserError, match=r"needs 51 tokens, more than --max-tokens 50"):
+    with pytest.raises(UserError, match=r"needs 51 tokens, more than `max_tokens` 50"):
         TokenBatchSampler([3, 50, 4], [2, 10, 4], max_tokens=50)
     assert TokenBatchSampler([3, 49, 4], [2, 10, 4], max_tokens=50).batches(0)
 

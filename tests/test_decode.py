@@ -464,9 +464,10 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, fail_after_running):
 
 
 def test_cli_decoding_options(monkeypatch, capsys):
-    from transformer.cli import flags, parse
+    from transformer.api import load as api_load
+    from transformer.api import text as api_text
+    from transformer.cli import parse
     from transformer.cli import translation as cli
-    from transformer.inference import translate as tr
     from transformer.inference.runtime import DecodingModel
 
     class Tok:
@@ -477,9 +478,10 @@ def test_cli_decoding_options(monkeypatch, capsys):
             return [" ".join(map(str, x)) for x in ids]
 
     model, seen = _model(), []
-    monkeypatch.setattr(flags, "load", lambda args: (model, model.cfg, Tok(), {}))
-    original = tr.translate_lines
-    monkeypatch.setattr(tr, "translate_lines", lambda m, *a, **k: seen.append(m) or original(m, *a, **k))
+    monkeypatch.setattr(api_load.kinds, "model_kind", lambda path: "translation")
+    monkeypatch.setattr(api_load.modeldir, "load_model_dir", lambda path, device: (model, model.cfg, Tok(), {}))
+    original = api_text.translate_lines
+    monkeypatch.setattr(api_text, "translate_lines", lambda m, *a, **k: seen.append(m) or original(m, *a, **k))
     args = parse(["translate", "--model", "x", "--quantize", "int8", "--beam", "2", "--min-len", "3", "--no-progress"])
     hyps = cli._translate_text(args, ["a b c", "d e"], "stdin")
     assert isinstance(seen[-1], DecodingModel) and seen[-1].quantize == "int8"

@@ -21,7 +21,8 @@ import torch
 import torch.multiprocessing as mp
 
 from transformer.errors import UserError
-from transformer.training.checkpoint import list_checkpoints, load_model_dir
+from transformer.training.checkpoint import list_checkpoints
+from transformer.store.modeldir import load_model_dir
 from transformer.text.data import TokenBatchSampler
 from transformer.training.distributed import shard
 from transformer.tasks.translation import EpochBatches

@@ -20,17 +20,19 @@ ctranslate2 = pytest.importorskip("ctranslate2")
 sentencepiece = pytest.importorskip("sentencepiece")
 
 from transformer.cli import main  # noqa: E402
+from transformer.cli.common import say_flags  # noqa: E402
 from transformer.config import preset  # noqa: E402
 from transformer.corpora import tinyshakespeare_path  # noqa: E402
 from transformer.export.ctranslate2 import TransformerConverter  # noqa: E402
-from transformer.inference.ctranslate2 import CTranslate2Translator, backend_line, cpu_info, is_ctranslate2_dir  # noqa: E402,E501
+from transformer.inference.ctranslate2 import CTranslate2Translator, backend_line, cpu_info  # noqa: E402
+from transformer.store.kinds import is_ctranslate2_dir  # noqa: E402
 from transformer.inference.runtime import DecodingModel  # noqa: E402
 from transformer.inference.sampling import sample  # noqa: E402
 from transformer.inference.search import SearchConfig, beam_search, greedy_search, max_lengths  # noqa: E402
 from transformer.model.models import build_model  # noqa: E402
 from transformer.text.data import collate_source  # noqa: E402
 from transformer.text.tokenizer import Tokenizer  # noqa: E402
-from transformer.training.checkpoint import load_model_dir, save_model_dir  # noqa: E402
+from transformer.store.modeldir import load_model_dir, save_model_dir# noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,9 +193,9 @@ def test_translate_says_which_int8_backend_runs(int8_exported, exported, multi30
     source.write_text("\n".join(multi30k_valid_en[:3]) + "\n", encoding="utf-8")
     vendor, flags = cpu_info()
     mkl = os.environ.get("CT2_USE_MKL") or None
-    for folder, extra, line in ((int8_exported, [], backend_line(vendor, flags, mkl, exact_grid=True)),
-                                (exported, [], None),
-                                (exported, ["--quantize", "int8"], backend_line(vendor, flags, mkl, exact_grid=False))):
+    lines = [say_flags(backend_line(vendor, flags, mkl, exact_grid=exact)) for exact in (True, False)]  # as flags
+    for folder, extra, line in ((int8_exported, [], lines[0]), (exported, [], None),
+                                (exported, ["--quantize", "int8"], lines[1])):
         assert main(["translate", "--model", str(folder), "--input", str(source), "--beam", "1", "--no-progress",
                      *extra]) == 0
         err = capsys.readouterr().err

@@ -21,7 +21,7 @@ from transformer.model.layers import sinusoid_table  # noqa: E402
 from transformer.model.models import build_model  # noqa: E402
 from transformer.text.data import collate_source, pad  # noqa: E402
 from transformer.text.tokenizer import Tokenizer  # noqa: E402
-from transformer.training.checkpoint import load_model_dir, save_model_dir  # noqa: E402
+from transformer.store.modeldir import load_model_dir, save_model_dir# noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")]  # MarianTokenizer's advice

@@ -17,8 +17,10 @@ import pytest
 
 from transformer.cli import main
 from transformer.corpora import tinyshakespeare_path
-from transformer.training import checkpoint as ckpt
-from transformer.training.checkpoint import checkpoint_dir, list_checkpoints, load_model_dir, load_train_state
+from transformer.store import modeldir
+from transformer import files
+from transformer.training.checkpoint import checkpoint_dir, list_checkpoints
+from transformer.store.modeldir import load_model_dir, load_train_state
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -87,7 +89,7 @@ class Killed(BaseException):
 def kill_copy_of_best(monkeypatch: pytest.MonkeyPatch, out: Path, nth: int) -> None:
     """Kill the run at its `nth` copy of a new best model to the top of `out`, before anything is written."""
     calls = [0]
-    save = ckpt.save_model_dir
+    save = modeldir.save_model_dir
 
     def killed_at_nth(path, *args, **kwargs):
         if Path(path) == out:
@@ -96,7 +98,7 @@ def kill_copy_of_best(monkeypatch: pytest.MonkeyPatch, out: Path, nth: int) -> N
                 raise Killed
         return save(path, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_model_dir", killed_at_nth)
+    monkeypatch.setattr(modeldir, "save_model_dir", killed_at_nth)
 
 
 def test_best_model_replaced_on_resume_after_a_kill_before_its_copy(text, lm_reference, tmp_path, capsys):
@@ -146,7 +148,7 @@ def test_a_failed_write_is_one_line_and_resume_continues(code, data, translation
     target = checkpoint_dir(out, 6).name
     with pytest.MonkeyPatch.context() as mp:
         if code == errno.ENOSPC:
-            write = ckpt._write_file
+            write = files.write_synced
 
             def full_disk(path, data):
                 if target in str(path):
@@ -154,7 +156,7 @@ def test_a_failed_write_is_one_line_and_resume_continues(code, data, translation
                     raise OSError(code, os.strerror(code))
                 write(path, data)
 
-            mp.setattr(ckpt, "_write_file", full_disk)
+            mp.setattr(files, "write_synced", full_disk)
         else:
             mkdir = os.mkdir
 

@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer.training.checkpoint import list_checkpoints, load_model_dir
+from transformer.training.checkpoint import list_checkpoints
+from transformer.store.modeldir import load_model_dir
 from transformer.cli import main
 from transformer.corpora import tinyshakespeare_path
-from transformer.tasks.lm import encode_text, generate, generate_ids, train_tokenizer
+from transformer.inference.lm import encode_text, generate, generate_ids
+from transformer.tasks.lm import train_tokenizer
 
 SHAKESPEARE = tinyshakespeare_path()
 

@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer.training.checkpoint import load_model_dir
+from transformer.store.modeldir import load_model_dir
 from transformer.cli import main
 from transformer.config import preset
 from transformer.corpora import multi30k_dir
-from transformer.tasks.mlm import CLS, FIRST_REGULAR, IGNORE, MASK, SEP, chosen_logits, mask_tokens, mlm_loss
+from transformer.inference.masked import CLS, FIRST_REGULAR, MASK, SEP
+from transformer.tasks.mlm import IGNORE, chosen_logits, mask_tokens, mlm_loss
 from transformer.model.models import build_model
 
 

@@ -38,7 +38,7 @@ def test_cosine_and_constant_schedules() -> None:
     assert lr_factor(40, OptimConfig(lr=1e-3, warmup=10, schedule="constant").resolve(256, None)) == 1.0
     # decay_steps and min_lr mean nothing outside cosine: resolving leaves them unset, so --max-steps can change
     assert OptimConfig().resolve(D, 1000) == OptimConfig().resolve(D, 2000)
-    with pytest.raises(UserError, match="--schedule linear"):
+    with pytest.raises(UserError, match="`schedule` linear"):
         OptimConfig(schedule="linear")
 
 

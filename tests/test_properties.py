@@ -159,7 +159,7 @@ def model_dir(untrained_model_dir) -> Path:
 def test_a_model_directory_with_any_config_loads_or_is_one_user_error(changes, raw, model_dir, tmp_path_factory):
     import json
 
-    from transformer.training.checkpoint import load_model_dir
+    from transformer.store.modeldir import load_model_dir
 
     path = tmp_path_factory.mktemp("m") / "model"
     path.mkdir()

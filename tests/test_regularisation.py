@@ -19,7 +19,8 @@ from transformer.tasks import translation
 from transformer.tasks.translation import EpochBatches, Segmentations, TranslationConfig, _load_corpus, _to_device
 from transformer.text.data import collate
 from transformer.text.tokenizer import Tokenizer
-from transformer.training.checkpoint import list_checkpoints, load_model_dir
+from transformer.training.checkpoint import list_checkpoints
+from transformer.store.modeldir import load_model_dir
 from transformer.training.loop import LoopConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

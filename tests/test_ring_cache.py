@@ -149,9 +149,9 @@ def test_search_on_a_windowed_translation_model_is_unchanged_by_bounding(monkeyp
 
 
 def test_lm_generation_of_ten_blocks_keeps_every_cache_within_the_window():
-    """`lm sample`'s generation (tasks.lm.generate_ids) of 10x the block: every cache it makes, however the
+    """`lm sample`'s generation (inference.lm.generate_ids) of 10x the block: every cache it makes, however the
     context slides, holds at most r + 1 positions per self-attention entry at its end."""
-    from transformer.tasks.lm import generate_ids
+    from transformer.inference.lm import generate_ids
 
     torch.manual_seed(0)
     block = 32

@@ -134,16 +134,18 @@ class Counter(nn.Module):
 
 
 def _generate(monkeypatch, block: int, prompt: list[int], n_tokens: int):
-    """generate_ids with the Counter model; returns the ids, the model and the (context, n) of each sample call."""
-    from transformer.tasks import lm
+    """generate_ids with the Counter model; returns the ids, the model and the (context, n) of each pass (a new
+    cache, the context in one call, then n steps)."""
+    from transformer.inference import lm, sampling
 
     calls = []
+    steps = sampling._steps
 
-    def recording_sample(model, context, max_new_tokens, *args, **kwargs):
-        calls.append((context[0].tolist(), max_new_tokens))
-        return sample(model, context, max_new_tokens, *args, **kwargs)
+    def recording_steps(model, context, n, *args, **kwargs):
+        calls.append((context[0].tolist(), n))
+        return steps(model, context, n, *args, **kwargs)
 
-    monkeypatch.setattr(lm, "sample", recording_sample)
+    monkeypatch.setattr(sampling, "_steps", recording_steps)
     model = Counter(block)
     ids = lm.generate_ids(model, prompt, n_tokens, temperature=0.0)
     return ids, model, calls

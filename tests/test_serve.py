@@ -19,7 +19,7 @@ from transformer.inference.translate import translate_lines
 from transformer.serve.app import ServeConfig, create_app
 from transformer.serve.batcher import BatchConfig
 from transformer.serve.engine import TorchEngine
-from transformer.training.checkpoint import load_model_dir
+from transformer.store.modeldir import load_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SEARCH = SearchConfig(max_len_a=0.0, max_len_b=6)  # short outputs: an untrained model never stops by itself

@@ -71,9 +71,9 @@ def test_load_errors(tmp_path: Path) -> None:
 
 
 def test_vocab_too_large(corpus: list[str]) -> None:
-    with pytest.raises(UserError, match=r"--vocab-size \d+ or less"):
+    with pytest.raises(UserError, match=r"`vocab_size` \d+ or less"):
         Tokenizer.train(corpus[:50], vocab_size=5000)
-    with pytest.raises(UserError, match=r"--vocab-size 20 is smaller than the \d+ characters"):
+    with pytest.raises(UserError, match=r"`vocab_size` 20 is smaller than the \d+ characters"):
         Tokenizer.train(corpus, vocab_size=20, model_type="unigram")
     with pytest.raises(UserError, match="no text"):
         Tokenizer.train([], vocab_size=100)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer.training.checkpoint import list_checkpoints, load_model_dir
+from transformer.training.checkpoint import list_checkpoints
+from transformer.store.modeldir import load_model_dir
 from transformer.cli import main
 from transformer.corpora import multi30k_dir
 from transformer.report.metrics import score
@@ -305,7 +306,7 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
 
 
 def test_auto_precision_is_bf16_where_native_and_decoding_on_a_cpu_stays_fp32(monkeypatch):
-    from transformer.training import precision as train_module
+    from transformer import device as train_module
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(train_module, "native_bf16", lambda device: True)
@@ -323,7 +324,7 @@ def test_auto_precision_is_bf16_where_native_and_decoding_on_a_cpu_stays_fp32(mo
 
 
 def test_native_bf16_on_a_cpu_needs_the_avx512_bf16_or_amx_flag_not_just_avx512(monkeypatch):
-    from transformer.training import precision as train_module
+    from transformer import device as train_module
 
     cpu = torch.device("cpu")
     for flags, native in (({"avx512_f": True, "avx512_bw": True, "avx512_bf16": False, "amx_bf16": False}, False),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from transformer.training.checkpoint import save_model_dir
+from transformer.store.modeldir import save_model_dir
 from transformer.cli import main
 from transformer.config import preset
 from transformer.inference.search import SearchConfig
@@ -79,7 +79,7 @@ def test_cli_writes_a_heatmap_per_layer_and_kind(model, tokenizer, tmp_path, cap
     for path in out.iterdir():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "translation: a book" in printed and str(out / "cross_layer3.png") in printed
+    assert "target: a book" in printed and str(out / "cross_layer3.png") in printed
     # Without --out the pictures go into the model directory.
     assert main(["attention", "--model", str(tmp_path / "model"), "--sentence", "a girl", "--device", "cpu"]) == 0
     assert (tmp_path / "model" / "attention" / "encoder_layer1.png").exists()

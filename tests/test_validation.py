@@ -173,6 +173,7 @@ def model_dir(untrained_model_dir) -> Path:
 @pytest.fixture
 def no_work(monkeypatch):
     """Fails the test if a translation, an attention map or an average is computed."""
+    from transformer.api import text as api_text
     from transformer.inference import translate
     from transformer.report import attention_maps
     from transformer.training import checkpoint
@@ -182,6 +183,8 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(translate, "translate_lines", forbidden)
     monkeypatch.setattr(attention_maps, "attention_maps", forbidden)
+    monkeypatch.setattr(api_text, "translate_lines", forbidden)  # where Translator calls them
+    monkeypatch.setattr(api_text, "attention_maps", forbidden)
     monkeypatch.setattr(checkpoint, "average_state", forbidden, raising=False)
     monkeypatch.setattr(checkpoint, "write_average", forbidden)
 
@@ -373,7 +376,7 @@ def test_model_config_checks_every_field_in_python():
 
 
 def test_running_out_of_memory_is_one_line(model_dir, tmp_path, capsys, monkeypatch):
-    from transformer.inference import translate
+    from transformer.api import text as translate  # where Translator calls it
 
     def greedy(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
@@ -387,7 +390,7 @@ def test_running_out_of_memory_is_one_line(model_dir, tmp_path, capsys, monkeypa
 
 
 def test_another_runtime_error_is_not_hidden(model_dir, tmp_path, monkeypatch):
-    from transformer.inference import translate
+    from transformer.api import text as translate  # where Translator calls it
 
     monkeypatch.setattr(translate, "translate_lines", lambda *a, **k: 1 / 0)
     source = tmp_path / "in.txt"
@@ -455,7 +458,7 @@ def test_a_config_json_whose_meta_is_not_an_object_is_one_line(tmp_path, capsys)
     from transformer.config import preset
     from transformer.model.models import build_model
     from transformer.text.tokenizer import Tokenizer
-    from transformer.training.checkpoint import save_model_dir
+    from transformer.store.modeldir import save_model_dir
 
     tokenizer = Tokenizer.train(["a man rides a horse"] * 20, 30, model_type="char")
     model_dir = tmp_path / "m"

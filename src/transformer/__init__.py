@@ -1,10 +1,64 @@
-"""The Transformer of "Attention Is All You Need" (Vaswani et al., 2017), written from the paper."""
+"""The Transformer of "Attention Is All You Need" (Vaswani et al., 2017), written from the paper.
 
-from .config import PRESETS, ModelConfig, preset
-from .model.models import DecoderOnly, EncoderDecoder, EncoderOnly, build_model, count_parameters
+From Python::
 
-__all__ = [
-    "PRESETS", "ModelConfig", "preset", "build_model", "count_parameters",
-    "EncoderDecoder", "EncoderOnly", "DecoderOnly",
-]
+    import transformer
+
+    model = transformer.load("runs/ende")           # a Translator, LanguageModel, MaskedLM, ImageClassifier
+    model.translate("A man is riding a horse.")     # or Captioner, after what the folder holds
+
+    run = transformer.train(transformer.TranslationConfig(...))   # the command line's training, from Python
+
+Everything listed in `__all__` is the public surface; the rest of the package is internal. The
+names are imported when first used, so that ``import transformer`` (and the command line) stays quick.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "load": "transformer.api.load", "train": "transformer.api.train",
+    "Translator": "transformer.api.text", "LanguageModel": "transformer.api.text", "MaskedLM": "transformer.api.text",
+    "ImageClassifier": "transformer.api.vision", "Captioner": "transformer.api.vision",
+    "Error": "transformer.errors", "UserError": "transformer.errors",
+    "ModelConfig": "transformer.config", "VisionConfig": "transformer.config", "preset": "transformer.config",
+    "vision_preset": "transformer.config", "PRESETS": "transformer.config",
+    "TranslationConfig": "transformer.tasks.translation", "LMConfig": "transformer.tasks.lm",
+    "MLMConfig": "transformer.tasks.mlm", "ViTConfig": "transformer.tasks.vision",
+    "CaptionTrainConfig": "transformer.tasks.caption", "LoopConfig": "transformer.training.loop",
+    "OptimConfig": "transformer.training.optim",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'transformer' has no attribute {name!r}")
+    value = getattr(import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from transformer.api.load import load  # noqa: F401
+    from transformer.api.text import LanguageModel, MaskedLM, Translator  # noqa: F401
+    from transformer.api.train import train  # noqa: F401
+    from transformer.api.vision import Captioner, ImageClassifier  # noqa: F401
+    from transformer.config import PRESETS, ModelConfig, VisionConfig, preset, vision_preset  # noqa: F401
+    from transformer.errors import Error, UserError  # noqa: F401
+    from transformer.tasks.caption import CaptionTrainConfig  # noqa: F401
+    from transformer.tasks.lm import LMConfig  # noqa: F401
+    from transformer.tasks.mlm import MLMConfig  # noqa: F401
+    from transformer.tasks.translation import TranslationConfig  # noqa: F401
+    from transformer.tasks.vision import ViTConfig  # noqa: F401
+    from transformer.training.loop import LoopConfig  # noqa: F401
+    from transformer.training.optim import OptimConfig  # noqa: F401

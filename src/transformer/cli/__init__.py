@@ -16,9 +16,9 @@ import argparse
 import os
 import sys
 
-from transformer.cli import caption, export, lm, mlm, tools, translation, vit
+from transformer.cli import caption, export, flags, lm, mlm, tools, translation, vit
 from transformer.cli.common import ArgumentsError, Parser, one_line
-from transformer.errors import UserError
+from transformer.errors import Error, UserError
 
 TASKS = {"translation": translation, "lm": lm, "mlm": mlm, "vit": vit, "caption": caption}
 TRANSLATION_VERBS = ("preprocess", "train", "translate", "evaluate", "attention", "quickstart", "serve")
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentsError as e:
         print(f"{e.prog}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
-    except UserError as e:
-        print(f"{name}: error: {one_line(str(e))}", file=sys.stderr)
+    except Error as e:  # the library's one-line errors (UserError)
+        print(f"{name}: error: {one_line(flags.as_flags(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

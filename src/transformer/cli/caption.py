@@ -26,8 +26,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from transformer.tasks.caption import load_captioner, load_tokenizer
-    from transformer.training.precision import resolve_device
+    from transformer.store.kinds import load_captioner, load_tokenizer
+    from transformer.device import resolve_device
 
     flags.required(args, "model")
     model, cfg, _ = load_captioner(Path(args.model), resolve_device(args.device))
@@ -37,22 +37,24 @@ def _load(args: argparse.Namespace):
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
+    from transformer.api.load import load_as
+    from transformer.api.vision import Captioner
     from transformer.images.captions import compose
-    from transformer.images.data import read_images
     from transformer.inference.captions import generate
     from transformer.tasks.caption import held_out_digits
 
-    model, cfg, tokenizer = _load(args)
-    with torch.no_grad():
-        if args.files:
-            images = read_images([Path(f) for f in args.files], cfg.vision.channels, cfg.image_size)
-            for file, text in zip(args.files, generate(model, tokenizer, images, args.beam, args.alpha)):
-                print(f"{file}\t{text}")
-        if args.images or args.bundled:
-            images, captions = compose(held_out_digits(Path(args.images) if args.images else None, args.bundled),
-                                       args.canvases, seed=2)
-            right = sum(a == b for a, b in zip(generate(model, tokenizer, images, args.beam, args.alpha), captions))
-            print(f"exact match {right / len(captions):.4f} on {len(captions)} held-out canvases")
+    flags.required(args, "model")
+    captioner = load_as(Captioner, args.model, device=args.device)
+    if args.files:
+        for file, text in zip(args.files, captioner.caption(list(args.files), args.beam, args.alpha)):
+            print(f"{file}\t{text}")
+    if args.images or args.bundled:
+        images, captions = compose(held_out_digits(Path(args.images) if args.images else None, args.bundled),
+                                   args.canvases, seed=2)
+        with torch.no_grad():
+            texts = generate(captioner.model, captioner.tokenizer, images, args.beam, args.alpha)
+        right = sum(a == b for a, b in zip(texts, captions))
+        print(f"exact match {right / len(captions):.4f} on {len(captions)} held-out canvases")
 
 
 def _attention(args: argparse.Namespace) -> None:

@@ -176,8 +176,26 @@ def command(sub, name: str, func, help: str) -> argparse.ArgumentParser:
     return p
 
 
+# Settings (as the library's messages name them, in backticks: `warmup`) whose flag is not "--" + the name with
+# "-" for "_".
+SETTING_FLAGS = {"n_encoder_layers": "--encoder-layers (or --layers)", "n_decoder_layers": "--decoder-layers (or --layers)",
+                 "tokenizer_type": "--tokenizer", "eps": "--adam-eps", "n_best": "--n-best", "n_layers": "--layers",
+                 "max_new_tokens": "--tokens", "top_k": "--top-k", "top_p": "--top-p"}
+_SETTING = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def flag_of(setting: str) -> str:
+    """The command-line flag of a setting: ``warmup`` -> ``--warmup``, ``max_tokens`` -> ``--max-tokens``."""
+    return SETTING_FLAGS.get(setting, "--" + setting.replace("_", "-"))
+
+
+def say_flags(text: str) -> str:
+    """`text` (a library message) with each setting it names in backticks written as its flag."""
+    return _SETTING.sub(lambda m: flag_of(m[1]), text)
+
+
 def say(message: str) -> None:
-    """A progress message on stderr that does not break the progress bar."""
+    """A progress message on stderr that does not break the progress bar; settings it names as flags."""
     from tqdm import tqdm
 
-    tqdm.write(message, file=sys.stderr)
+    tqdm.write(say_flags(message), file=sys.stderr)

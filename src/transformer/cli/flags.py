@@ -15,9 +15,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transformer.cli.common import number
+from transformer.cli.common import number, say_flags
 from transformer.config import PRESETS, ModelConfig, preset
-from transformer.errors import UserError
+from transformer.errors import Error, UserError
+
+def as_flags(error: Error) -> str:
+    """The message of `error` as the command line says it: each setting it names as its flag (`say_flags`)."""
+    return say_flags(str(error))
+
 
 # The smallest --vocab-size: the 4 special tokens (pad, unk, bos, eos) and a few pieces.
 VOCAB_MIN = 8
@@ -242,8 +247,8 @@ ARCH_NAMES = {"encoder-decoder": "a translation model", "decoder": "a decoder-on
 
 def load(args: argparse.Namespace):
     """(model, model config, tokenizer, meta) of --model, on --device."""
-    from transformer.training.checkpoint import load_model_dir
-    from transformer.training.precision import resolve_device
+    from transformer.store.modeldir import load_model_dir
+    from transformer.device import resolve_device
 
     required(args, "model")
     return load_model_dir(Path(args.model), resolve_device(args.device))

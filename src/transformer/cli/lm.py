@@ -54,12 +54,13 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from transformer.tasks.lm import generate
+    from transformer.api.load import load_as
+    from transformer.api.text import LanguageModel
 
-    model, cfg, tokenizer, _ = flags.load(args)
-    flags.require_arch(args, cfg, "decoder")
+    flags.required(args, "model")
+    model = load_as(LanguageModel, args.model, device=args.device)
     prompt = unescape(args.prompt) if args.escapes else args.prompt
-    text = generate(model, tokenizer, prompt, args.tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    text = model.generate(prompt, args.tokens, args.temperature, args.top_k, args.top_p, args.seed, include_prompt=True)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 

@@ -34,11 +34,12 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _fill(args: argparse.Namespace) -> None:
-    from transformer.tasks.mlm import fill
+    from transformer.api.load import load_as
+    from transformer.api.text import MaskedLM
 
-    model, cfg, tokenizer, _ = flags.load(args)
-    flags.require_arch(args, cfg, "encoder")
-    for n, fillers in enumerate(fill(model, tokenizer, args.sentence, args.n_best), 1):
+    flags.required(args, "model")
+    model = load_as(MaskedLM, args.model, device=args.device)
+    for n, fillers in enumerate(model.fill(args.sentence, args.n_best), 1):
         print(f"[MASK] {n}: " + "  ".join(f"{word or '∅'} {p:.3f}" for word, p in fillers))
 
 

@@ -68,65 +68,35 @@ def _read_input(path: str | None) -> tuple[list[str], str]:
     return read_lines(path), path
 
 
-def _decoding_model(args: argparse.Namespace):
-    """(model, the model prepared for decoding by --precision/--quantize/--compile, tokenizer) of --model."""
-    from transformer.inference.runtime import DecodingModel
-    from transformer.training.precision import resolve_precision
-
-    model, cfg, tokenizer, _ = flags.load(args)
-    flags.require_arch(args, cfg, "encoder-decoder")
-    precision, _ = resolve_precision(args.precision, next(model.parameters()).device, training=False)
-    decoder = model
-    if precision != "fp32" or args.quantize != "none" or args.compile:
-        try:
-            decoder = DecodingModel(model, precision=precision,
-                                    quantize=None if args.quantize == "none" else args.quantize, compile=args.compile)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    return model, decoder, tokenizer
-
-
-def _ctranslate2_translator(args: argparse.Namespace):
-    """The CTranslate2 translator of --model when --engine ctranslate2 asks for it (or, with --engine auto,
-    --model is an exported CTranslate2 folder); else None. --quantize int8 and --precision pick its compute type."""
-    from transformer.inference.ctranslate2 import CTranslate2Translator, is_ctranslate2_dir
+def _translator(args: argparse.Namespace):
+    """The `Translator` of --model: --engine, --device, --precision, --quantize and --compile as asked; it says
+    which int8 backend CTranslate2 runs, if any."""
+    from transformer.api.load import load_as
+    from transformer.api.text import Translator
 
     flags.required(args, "model")
-    if args.engine == "torch" or (args.engine == "auto" and not is_ctranslate2_dir(args.model)):
-        return None
-    if args.compile:
-        raise UserError("--compile: only with --engine torch (CTranslate2 runs its own kernels)")
-    compute_type = "int8" if args.quantize == "int8" else {"auto": "default", "fp32": "float32", "bf16": "bfloat16"}[
-        args.precision]
-    translator = CTranslate2Translator(args.model, device=args.device, compute_type=compute_type,
-                                       search=flags.search_config(args))
+    translator = load_as(Translator, args.model, device=args.device, precision=args.precision,
+                         quantize=None if args.quantize == "none" else args.quantize, compile=args.compile,
+                         engine=args.engine)
     if translator.backend:
         say(translator.backend)
     return translator
 
 
 def _translate_text(args: argparse.Namespace, lines: list[str], name: str) -> list[str]:
-    from transformer.inference.translate import translate_lines
-
-    translator = _ctranslate2_translator(args)
-    if translator is not None:
-        return translator.translate(lines, flags.search_config(args), args.batch_size, source_name=name)
-    _, decoder, tokenizer = _decoding_model(args)
-    return translate_lines(decoder, tokenizer, lines, flags.search_config(args), args.batch_size,
-                           progress=not args.no_progress, source_name=name)
+    search = flags.search_config(args)
+    translator = _translator(args)
+    if not lines:
+        return []
+    return translator.translate(lines, beam=search.beam, alpha=search.alpha, max_len_a=search.max_len_a,
+                                max_len_b=search.max_len_b, min_len=search.min_len, batch_size=args.batch_size,
+                                progress=not args.no_progress, source_name=name)
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from transformer.serve.engine import CTranslate2Engine, TorchEngine
+    from transformer.api.load import serving_engine
 
-    search = flags.search_config(args)
-    name = Path(args.model or "").resolve().name
-    translator = _ctranslate2_translator(args)
-    if translator is not None:
-        engine = CTranslate2Engine(translator, name)
-    else:
-        model, decoder, tokenizer = _decoding_model(args)
-        engine = TorchEngine(model, tokenizer, search, name, decoder=decoder)
+    engine = serving_engine(_translator(args), Path(args.model or "").resolve().name, flags.search_config(args))
     serving.serve(args, engine)
 
 
@@ -162,8 +132,6 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _attention(args: argparse.Namespace) -> None:
-    from transformer.inference.search import SearchConfig
-    from transformer.report.attention_maps import attention_maps
     from transformer.report.plots import plot_attention
 
     flags.required(args, "sentence")
@@ -171,9 +139,11 @@ def _attention(args: argparse.Namespace) -> None:
         writable_folder(args.out, "--out")
     elif args.model is not None and Path(args.model).is_dir():
         writable_folder(Path(args.model) / "attention", "--out")
-    model, cfg, tokenizer, _ = flags.load(args)
-    flags.require_arch(args, cfg, "encoder-decoder")
-    maps = attention_maps(model, tokenizer, args.sentence, args.target, SearchConfig(beam=args.beam, alpha=args.alpha))
+    from transformer.api.load import load_as
+    from transformer.api.text import Translator
+
+    maps = load_as(Translator, args.model, device=args.device, engine="torch").attention(
+        args.sentence, args.target, args.beam, args.alpha)
     out = Path(args.out) if args.out else Path(args.model) / "attention"
     views = {  # kind (and file name): (title, query tokens, key tokens)
         "encoder": ("encoder self-attention", maps.src, maps.src),
@@ -185,7 +155,7 @@ def _attention(args: argparse.Namespace) -> None:
         for kind, (title, queries, keys) in views.items()
         for layer, w in enumerate(maps.weights[kind], start=1)
     ]
-    print(f"translation: {maps.translation}")
+    print(f"{'target' if args.target is not None else 'translation'}: {maps.translation}")
     print("\n".join(map(str, paths)))
 
 
@@ -198,8 +168,8 @@ def _quickstart(args: argparse.Namespace) -> None:
     from transformer.report.metrics import score
     from transformer.tasks.translation import train
     from transformer.text.data import read_lines
-    from transformer.training.checkpoint import load_model_dir
-    from transformer.training.precision import resolve_device
+    from transformer.store.modeldir import load_model_dir
+    from transformer.device import resolve_device
 
     data = multi30k_dir()
     # `transformer train --recipe small-data`, in the time given

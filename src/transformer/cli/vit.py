@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from transformer.cli import flags
 from transformer.cli.common import command, number, say, writable_file
 
@@ -23,32 +25,31 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from transformer.tasks.vision import load_vit
-    from transformer.training.precision import resolve_device
+    from transformer.store.kinds import load_vit
+    from transformer.device import resolve_device
 
     flags.required(args, "model")
     return load_vit(Path(args.model), resolve_device(args.device))
 
 
 def _predict(args: argparse.Namespace) -> None:
-    import torch
+    from transformer.api.load import load_as
+    from transformer.api.vision import ImageClassifier
+    from transformer.images.data import read_folder
+    from transformer.tasks.vision import accuracy, splits
 
-    from transformer.images.data import read_folder, read_images
-    from transformer.tasks.vision import accuracy, predict, splits
-
-    model, cfg, meta = _load(args)
-    classes = meta.get("classes") or [str(i) for i in range(cfg.n_classes)]
-    size = (cfg.image_height, cfg.image_width)
-    with torch.no_grad():
-        if args.files:
-            labels, probs = predict(model, read_images([Path(f) for f in args.files], cfg.channels, size))
-            for file, label, prob in zip(args.files, labels.tolist(), probs.tolist()):
-                print(f"{file}\t{classes[label]}\t{prob:.3f}")
-        if args.images or args.bundled:
-            data = (read_folder(Path(args.images), cfg.channels, size) if args.images
-                    else splits(None, args.bundled)["test"])
-            print(f"accuracy {accuracy(model, data):.4f} on {len(data)} images "
-                  f"({args.images or f'the test part of {args.bundled}'})")
+    flags.required(args, "model")
+    classifier = load_as(ImageClassifier, args.model, device=args.device)
+    if args.files:
+        for file, (label, prob) in zip(args.files, classifier.predict(list(args.files))):
+            print(f"{file}\t{label}\t{prob:.3f}")
+    if args.images or args.bundled:
+        cfg = classifier.config
+        data = (read_folder(Path(args.images), cfg.channels, (cfg.image_height, cfg.image_width)) if args.images
+                else splits(None, args.bundled)["test"])
+        with torch.no_grad():
+            right = accuracy(classifier.model, data)
+        print(f"accuracy {right:.4f} on {len(data)} images ({args.images or f'the test part of {args.bundled}'})")
 
 
 def _attention(args: argparse.Namespace) -> None:

@@ -12,71 +12,31 @@ for Marian, ...) is refused with one `UserError` naming the feature, before anyt
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
-from typing import Callable
 
 from transformer.errors import UserError
+from transformer.files import check_new_folder
 
 TARGETS = ("ctranslate2", "huggingface")
 # CTranslate2's weight types (ctranslate2.specs.model_spec.ACCEPTED_MODEL_TYPES); None = float32
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "bfloat16", "float16", "float32")
 
 
-def check_out_dir(out: Path) -> None:
-    """`UserError` unless `out` is absent or an empty folder (an export never writes over files)."""
-    if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"{out}: folder is not empty; give a new --out folder")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: is a file, not a folder")
-
-
-def write_folder(out: Path, fill: Callable[[Path], None]) -> None:
-    """Create the folder `out` holding what `fill(tmp)` writes into an empty folder `tmp`.
-
-    `tmp` is the sibling ``.tmp-<name>-<pid>``; once filled, its files are fsynced and it is
-    renamed to `out`, so a crash leaves `out` complete or absent. On failure `tmp` is removed.
-    """
-    out = Path(out)
-    check_out_dir(out)
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        fill(tmp)
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        if out.is_dir():
-            out.rmdir()  # empty (checked above): rename needs the name free or an empty folder
-        os.rename(tmp, out)
-        parent = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(parent)  # the rename itself survives a crash
-        finally:
-            os.close(parent)
-    except OSError as e:
-        raise UserError(f"{out}: cannot write: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def export_model(model_dir: Path, target: str, out: Path, quantization: str | None = None) -> None:
     """Export the model directory `model_dir` to `target` (one of `TARGETS`) as the new folder `out`."""
-    from transformer.training.checkpoint import load_model_dir
+    from transformer.store.modeldir import load_model_dir
 
     if target not in TARGETS:
-        raise UserError(f"--to {target}: choose one of {', '.join(TARGETS)}")
+        raise UserError(f"`to` {target}: choose one of {', '.join(TARGETS)}")
     if target != "ctranslate2" and quantization is not None:
-        raise UserError("--quantization: only for --to ctranslate2 (a Marian folder holds float32 weights)")
-    check_out_dir(Path(out))
+        raise UserError("`quantization`: only for `to` ctranslate2 (a Marian folder holds float32 weights)")
+    check_new_folder(Path(out))
     model, _, tokenizer, _ = load_model_dir(Path(model_dir))
     if target == "ctranslate2":
         try:
             from transformer.export.ctranslate2 import export_ctranslate2
         except ImportError:
-            raise UserError("--to ctranslate2 needs the ctranslate2 package: "
+            raise UserError("`to` ctranslate2 needs the ctranslate2 package: "
                             "pip install 'transformer[export]'") from None
         export_ctranslate2(model, tokenizer, Path(out), quantization)
     else:

@@ -45,14 +45,14 @@ from torch import nn
 
 from transformer.config import ModelConfig
 from transformer.errors import UserError
-from transformer.export import QUANTIZATIONS, write_folder
+from transformer.export import QUANTIZATIONS
+from transformer.files import write_folder
 from transformer.inference.ctranslate2 import INT8_MAX
+from transformer.store.kinds import CT2_CONFIG, CT2_TOKENIZER
 from transformer.model.layers import DecoderLayer, EncoderLayer, PositionalEncoding
 from transformer.model.models import Decoder, DecoderOnly, Embedding, Encoder, EncoderDecoder
 from transformer.text.tokenizer import Tokenizer
 
-TOKENIZER_FILE = "tokenizer.model"
-CONFIG_FILE = "transformer.json"  # our ModelConfig, beside CTranslate2's own config.json
 
 
 def _refusal(cfg: ModelConfig) -> str | None:
@@ -203,15 +203,15 @@ def export_ctranslate2(
     """Write the CTranslate2 folder `out` (new or empty) for `model`, weights stored as `quantization`
     (one of `QUANTIZATIONS`; None = float32), with the tokenizer and our config beside them."""
     if quantization is not None and quantization not in QUANTIZATIONS:
-        raise UserError(f"--quantization {quantization}: choose one of {', '.join(QUANTIZATIONS)}")
+        raise UserError(f"`quantization` {quantization}: choose one of {', '.join(QUANTIZATIONS)}")
     conv = TransformerConverter(model, [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)])
 
     def fill(tmp: Path) -> None:
         conv.convert(str(tmp), quantization=quantization, force=True)
-        (tmp / TOKENIZER_FILE).write_bytes(tokenizer.to_bytes())
+        (tmp / CT2_TOKENIZER).write_bytes(tokenizer.to_bytes())
         meta = {"model": model.cfg.to_dict(), "quantization": quantization or "float32"}
         if meta["quantization"].startswith("int8"):
             meta["int8_max"] = INT8_MAX  # read by inference.ctranslate2
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        (tmp / CT2_CONFIG).write_text(json.dumps(meta, indent=2), encoding="utf-8")  # beside CTranslate2's config.json
 
     write_folder(out, fill)

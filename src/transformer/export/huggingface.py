@@ -32,7 +32,7 @@ from torch import Tensor
 
 from transformer.config import ModelConfig
 from transformer.errors import UserError
-from transformer.export import write_folder
+from transformer.files import write_folder
 from transformer.model.layers import DecoderLayer, EncoderLayer
 from transformer.model.models import EncoderDecoder
 from transformer.text.tokenizer import Tokenizer
@@ -134,7 +134,7 @@ def export_marian(model: EncoderDecoder, tokenizer: Tokenizer, out: Path) -> Non
         from transformers import GenerationConfig, MarianMTModel, MarianTokenizer
         from transformers.utils.logging import disable_progress_bar
     except ImportError:
-        raise UserError("--to huggingface needs the transformers package: pip install transformers") from None
+        raise UserError("`to` huggingface needs the transformers package: pip install transformers") from None
     disable_progress_bar()  # a command prints what it did, not the library's bars
     marian = MarianMTModel(marian_config(model.cfg))
     missing, unexpected = marian.load_state_dict(marian_state_dict(model), strict=False)

@@ -51,39 +51,46 @@ def _pillow():
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
+def image_tensor(image, channels: int | None = None) -> Tensor:
+    """A PIL image as (C, H, W) float32 in [0, 1]: grey (C = 1) or RGB (C = 3); `channels` None: grey if it is."""
+    if channels is None:
+        channels = 1 if image.mode in GREY_MODES else 3
+    image = image.convert("L" if channels == 1 else "RGB")
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return data.view(image.height, image.width, channels).permute(2, 0, 1).float() / 255  # (C, H, W)
+
+
 def read_image(path: Path, channels: int | None = None) -> Tensor:
-    """One image file as (C, H, W) float32 in [0, 1]: grey (C = 1) or RGB (C = 3); `channels` None: grey
-    if the file is."""
+    """One image file as (C, H, W) float32 in [0, 1] (`image_tensor`)."""
     image_module, unidentified = _pillow()
     try:
         with image_module.open(path) as image:
-            if channels is None:
-                channels = 1 if image.mode in GREY_MODES else 3
-            image = image.convert("L" if channels == 1 else "RGB")
-            data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-            height, width = image.height, image.width
+            return image_tensor(image, channels)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except unidentified:
         raise UserError(f"{path}: not an image Pillow can read") from None
     except OSError as e:
         raise cannot(path, "read", e) from None
-    return data.view(height, width, channels).permute(2, 0, 1).float() / 255  # (C, H, W)
 
 
-def read_images(paths: list[Path], channels: int | None = None, size: tuple[int, int] | None = None) -> Tensor:
-    """Image files of one size, (N, C, H, W); `UserError` naming the first file of another size
-    (or, with `size` (H, W), not of that size). `channels` None: those of the first file (grey or RGB)."""
-    images = []
-    for path in paths:
-        image = read_image(path, channels)
+def read_images(images: list, channels: int | None = None, size: tuple[int, int] | None = None) -> Tensor:
+    """Image files (paths) or PIL images of one size, (N, C, H, W); `UserError` naming the first of another
+    size (or, with `size` (H, W), not of that size). `channels` None: those of the first (grey or RGB)."""
+    out = []
+    for i, item in enumerate(images):
+        is_path = isinstance(item, (str, Path))
+        if not is_path and not hasattr(item, "convert"):
+            raise UserError(f"images[{i}]: not a path or a PIL image ({type(item).__name__})")
+        image = read_image(Path(item), channels) if is_path else image_tensor(item, channels)
+        name = item if is_path else f"images[{i}]"
         channels = image.size(0)
-        want = size or (images[0].shape[1:] if images else image.shape[1:])
+        want = size or (out[0].shape[1:] if out else image.shape[1:])
         if tuple(image.shape[1:]) != tuple(want):
-            raise UserError(f"{path}: {image.shape[2]}x{image.shape[1]} pixels; expected {want[1]}x{want[0]} "
+            raise UserError(f"{name}: {image.shape[2]}x{image.shape[1]} pixels; expected {want[1]}x{want[0]} "
                             f"(width x height) like the {'model' if size else 'first image'}")
-        images.append(image)
-    return torch.stack(images)
+        out.append(image)
+    return torch.stack(out)
 
 
 def read_folder(folder: Path, channels: int | None = None, size: tuple[int, int] | None = None) -> ImageSet:

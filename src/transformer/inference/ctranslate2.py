@@ -50,9 +50,9 @@ from transformer.config import ModelConfig
 from transformer.errors import UserError
 from transformer.inference.search import SearchConfig, length_penalty
 from transformer.inference.translate import check_lengths
+from transformer.store.kinds import CT2_CONFIG, CT2_MODEL, CT2_TOKENIZER, is_ctranslate2_dir
 from transformer.text.tokenizer import Tokenizer
 
-MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE = "model.bin", "tokenizer.model", "transformer.json"
 INTEL = "GenuineIntel"
 INT8_MAX = 64  # the export's int8 weights lie in [-INT8_MAX, INT8_MAX] (module docstring)
 
@@ -89,7 +89,7 @@ def backend_line(vendor: str | None, flags: set[str], use_mkl: str | None, exact
     if mkl or exact_grid or flags & {"avx512_vnni", "avx_vnni"}:
         return line
     return (f"{line}: these int8 weights span [-127, 127], which oneDNN's int8 saturates on a CPU without "
-            "VNNI; export with --quantization int8 (this version keeps them in [-64, 64]), or set "
+            "VNNI; export with `quantization` int8 (this version keeps them in [-64, 64]), or set "
             "CT2_USE_MKL=1 (exact, several times slower)")
 
 
@@ -103,17 +103,11 @@ def import_ctranslate2():
     return ctranslate2
 
 
-def is_ctranslate2_dir(path: str | Path) -> bool:
-    """Whether `path` is a folder written by `transformer export --to ctranslate2`."""
-    path = Path(path)
-    return (path / MODEL_FILE).is_file() and (path / CONFIG_FILE).is_file()
-
-
 def _device(device: str) -> tuple[str, int]:
-    """Our --device (auto, cpu, cuda, cuda:N) as CTranslate2's (device, device_index)."""
+    """Our `device` (auto, cpu, cuda, cuda:N) as CTranslate2's (device, device_index)."""
     name, _, index = device.partition(":")
     if name not in ("auto", "cpu", "cuda") or (index and not index.isdigit()):
-        raise UserError(f"--device {device}: choose auto, cpu, cuda or cuda:N")
+        raise UserError(f"`device` {device}: choose auto, cpu, cuda or cuda:N")
     return name, int(index or 0)
 
 
@@ -133,15 +127,15 @@ class CTranslate2Translator:
         ctranslate2 = import_ctranslate2()
         path = Path(path)
         if not is_ctranslate2_dir(path):
-            raise UserError(f"{path}: not an exported CTranslate2 folder (no {MODEL_FILE} and {CONFIG_FILE})")
+            raise UserError(f"{path}: not an exported CTranslate2 folder (no {CT2_MODEL} and {CT2_CONFIG})")
         try:
-            meta = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+            meta = json.loads((path / CT2_CONFIG).read_text(encoding="utf-8"))
             self.cfg = ModelConfig.from_dict(meta["model"])
         except (OSError, ValueError, KeyError, TypeError, UserError) as e:
-            raise UserError(f"{path / CONFIG_FILE}: not a model config ({e})") from None
+            raise UserError(f"{path / CT2_CONFIG}: not a model config ({e})") from None
         if self.cfg.arch != "encoder-decoder":
             raise UserError(f"{path}: not a translation model (arch {self.cfg.arch!r})")
-        self.tokenizer = Tokenizer.load(path / TOKENIZER_FILE)
+        self.tokenizer = Tokenizer.load(path / CT2_TOKENIZER)
         self.search = search or SearchConfig()
         device_name, index = _device(device)
         threads = torch.get_num_threads() if threads is None else threads
@@ -173,6 +167,15 @@ class CTranslate2Translator:
         ids = self.tokenizer.encode([line.strip() for line in lines])
         check_lengths(self, ids, source_name)  # reads self.cfg.max_len
         return self.tokenizer.decode(self.translate_ids(ids, search, batch_size))
+
+    def score(self, sources: list[str], targets: list[str], batch_size: int = 64) -> list[float]:
+        """log P(target + EOS | source) of each pair, in nats (CTranslate2's `score_batch`, summed)."""
+        src, tgt = self.tokenizer.encode([x.strip() for x in sources]), self.tokenizer.encode([y.strip() for y in targets])
+        check_lengths(self, src, "sources")
+        check_lengths(self, tgt, "targets")
+        results = self.translator.score_batch([[self._pieces[t] for t in x] for x in src],
+                                              [[self._pieces[t] for t in y] for y in tgt], max_batch_size=batch_size)
+        return [sum(r.log_probs) for r in results]
 
     def _limit(self, n_source: int, search: SearchConfig) -> int:
         """Our maximum output length (EOS included) for a source of n_source tokens + EOS."""
@@ -211,3 +214,14 @@ class CTranslate2Translator:
 
         best = [self._ids[p] for p in result.hypotheses[max(range(len(result.hypotheses)), key=ours)]]
         return best[:-1] if best and best[-1] == self.cfg.eos_id else best
+
+
+def compute_type(precision: str, quantize: str | None) -> str:
+    """CTranslate2's compute type for our settings: int8 when quantized, else the precision's type
+    ("auto": the type the weights were exported in)."""
+    if quantize == "int8":
+        return "int8"
+    types = {"auto": "default", "fp32": "float32", "bf16": "bfloat16"}
+    if precision not in types:
+        raise UserError(f"`precision` {precision}: choose fp32, bf16 or auto")
+    return types[precision]

@@ -12,6 +12,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from transformer.device import resolve_precision
+from transformer.errors import UserError
 from transformer.model.attention import SplitInProjection
 from transformer.model.layers import DecoderLayer
 
@@ -153,3 +155,17 @@ class DecodingModel(nn.Module):
 
     def new_cache(self):
         return self.model.new_cache()
+
+
+def decoding_runtime(model: nn.Module, precision: str = "auto", quantize: str | None = None,
+                     compile: bool = False) -> nn.Module:
+    """`model` (an `EncoderDecoder`) as the searches should run it: itself when nothing is asked, else a
+    `DecodingModel`. `precision` "auto" is bf16 only where bf16 is native for decoding (a GPU: `device`),
+    "fp32" or "bf16" as asked; `quantize` None or "int8" (CPU). A bad combination is a `UserError`."""
+    precision, _ = resolve_precision(precision, next(model.parameters()).device, training=False)
+    if precision == "fp32" and quantize is None and not compile:
+        return model
+    try:
+        return DecodingModel(model, precision=precision, quantize=quantize, compile=compile)
+    except ValueError as e:
+        raise UserError(f"`quantize` {quantize}, `precision` {precision}: {e}") from None

@@ -1,8 +1,10 @@
-"""Sampling from a decoder-only language model with the KV cache: temperature, top-k, nucleus (top-p)."""
+"""Sampling from a decoder-only language model with the KV cache: temperature, top-k, nucleus (top-p); a stream of
+tokens past the model's block."""
 
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -58,16 +60,52 @@ def sample(
         raise ValueError(
             f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
         )
-    cache = model.new_cache()
-    tokens, new = prompt, prompt
+    tokens = [prompt]
     ended = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)  # (B,)
-    for _ in range(max_new_tokens):
-        logits = model(new, cache)[:, -1]  # (B, V)
-        new = _pick(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
+    for new in _steps(model, prompt, max_new_tokens, temperature, top_k, top_p, generator):  # (B, 1)
         if eos_id is not None:
             new = new.masked_fill(ended[:, None], model.cfg.pad_id)
             ended |= new[:, 0] == eos_id
-        tokens = torch.cat([tokens, new], dim=1)
+        tokens.append(new)
         if ended.all():
             break
-    return tokens
+    return torch.cat(tokens, dim=1)
+
+
+def _steps(model: DecoderOnly, prompt: Tensor, n: int, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator | None) -> Iterator[Tensor]:
+    """The next tokens (B, 1) after prompt (B, T), one step at a time, n steps: the prompt through the model in
+    one call, then one token a step with the KV cache."""
+    cache = model.new_cache()
+    new = prompt
+    for _ in range(n):
+        logits = model(new, cache)[:, -1]  # (B, V)
+        new = _pick(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
+        yield new
+
+
+@torch.no_grad()
+def stream(model: DecoderOnly, ids: list[int], n_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, seed: int = 1) -> Iterator[int]:
+    """The ids of `n_tokens` tokens sampled after the prompt `ids`, one at a time, past the model's block.
+
+    While prompt and continuation fit in the block (cfg.max_len), one pass as `sample`; beyond it, the
+    last half block of tokens is the context of the next pass (a new cache each pass). The seed
+    makes it repeatable. Raises ValueError for settings `sample` refuses or a block of one token.
+    """
+    block = model.cfg.max_len
+    if block < 2 and len(ids) + n_tokens > block:
+        raise ValueError(f"the model's block of {block} token(s) leaves no room to continue a prompt")
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tokens, remaining = list(ids), n_tokens
+    while remaining > 0:
+        context = tokens if len(tokens) + remaining <= block else tokens[-min(len(tokens), max(block // 2, 1)):]
+        n = min(block - len(context), remaining)
+        prompt = torch.tensor([context], dtype=torch.long, device=device)
+        for new in _steps(model, prompt, n, temperature, top_k, top_p, generator):
+            tokens.append(int(new))
+            yield tokens[-1]
+        remaining -= n

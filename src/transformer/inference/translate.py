@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from tqdm import tqdm
 
 from transformer.errors import UserError
 from transformer.inference.search import SearchConfig, translate_batch
 from transformer.model.models import EncoderDecoder
-from transformer.text.data import collate_source
+from transformer.text.data import collate_source, pad
 from transformer.text.tokenizer import Tokenizer
 
 
@@ -50,3 +51,24 @@ def check_lengths(model: EncoderDecoder, ids: list[list[int]], source_name: str)
             raise UserError(
                 f"{source_name}:{i + 1}: sentence has {len(sentence)} tokens, over the model's limit of {limit}"
             )
+
+
+@torch.no_grad()
+def score_pairs(model: EncoderDecoder, tokenizer: Tokenizer, sources: Sequence[str], targets: Sequence[str],
+                batch_size: int = 64) -> list[float]:
+    """log P(target + EOS | source) of each pair, in nats: the sum of the model's log-probabilities of the
+    target's tokens and its EOS, teacher-forced from BOS. `UserError` naming the pair of a source or target
+    too long for the model."""
+    device, cfg = next(model.parameters()).device, model.cfg
+    src_ids, tgt_ids = tokenizer.encode([s.strip() for s in sources]), tokenizer.encode([t.strip() for t in targets])
+    check_lengths(model, src_ids, "sources")
+    check_lengths(model, tgt_ids, "targets")  # BOS + target, target + EOS: max_len - 1 tokens each
+    out: list[float] = []
+    for start in range(0, len(src_ids), batch_size):
+        xs, ys = src_ids[start : start + batch_size], tgt_ids[start : start + batch_size]
+        src = collate_source(xs, cfg.pad_id, cfg.eos_id).to(device)  # (B, S)
+        tgt_in = pad([[cfg.bos_id, *y] for y in ys], cfg.pad_id).to(device)  # (B, T)
+        gold = pad([[*y, cfg.eos_id] for y in ys], cfg.pad_id).to(device)  # (B, T)
+        log_probs = model(src, tgt_in).float().log_softmax(-1).gather(-1, gold.unsqueeze(-1)).squeeze(-1)
+        out += log_probs.masked_fill(gold == cfg.pad_id, 0.0).sum(-1).tolist()  # (B,)
+    return out

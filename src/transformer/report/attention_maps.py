@@ -48,12 +48,12 @@ def attention_maps(
     src_ids = tokenizer.encode([source.strip()])[0]
     if not src_ids:
         raise UserError("the source sentence is empty")
-    check_lengths(model, [src_ids], "--sentence")
+    check_lengths(model, [src_ids], "`sentence`")
     limit = model.cfg.max_len - 1  # room for BOS
     tgt_ids = tokenizer.encode([target.strip()])[0] if target is not None else None
     if tgt_ids is not None and len(tgt_ids) > limit:
         raise UserError(
-            f"--target: the target has {len(tgt_ids)} tokens, over the model's limit of {limit} "
+            f"`target`: the target has {len(tgt_ids)} tokens, over the model's limit of {limit} "
             f"(max_len {model.cfg.max_len}, less one for <s>)"
         )
     src = collate_source([src_ids], model.cfg.pad_id, model.cfg.eos_id).to(device)  # (1, S)

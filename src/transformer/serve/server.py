@@ -23,14 +23,14 @@ def bind(host: str, port: int) -> socket.socket:
         # Nagle's algorithm and delayed ACKs hold each answer back about 40 ms
         sock = socket.socket(family, kind, proto)
     except (OSError, UnicodeError) as e:
-        raise UserError(f"--host {host}: not an address to listen on ({getattr(e, 'strerror', None) or e})") from None
+        raise UserError(f"`host` {host}: not an address to listen on ({getattr(e, 'strerror', None) or e})") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(2048)
     except OSError as e:
         sock.close()
-        raise UserError(f"--host {host} --port {port}: cannot listen ({e.strerror or e})") from None
+        raise UserError(f"`host` {host} `port` {port}: cannot listen ({e.strerror or e})") from None
     return sock
 
 

@@ -31,12 +31,13 @@ from transformer.images.captions import caption, compose
 from transformer.images.data import ImageSet, read_folder
 from transformer.inference.captions import generate
 from transformer.model.captioner import Captioner, build_captioner, trained_parameters
-from transformer.tasks.vision import load_vision_dir, load_vit, splits, start
+from transformer.store.kinds import load_captioner, load_vit
+from transformer.tasks.vision import splits, start
 from transformer.text.tokenizer import Tokenizer
-from transformer.training import checkpoint as ckpt
+from transformer.store import modeldir
 from transformer.training.lock import guard
 from transformer.training.loop import LoopConfig, Objective, fit
-from transformer.training.precision import resolve_device
+from transformer.device import resolve_device
 
 NEWLINE = "\n"
 
@@ -126,7 +127,7 @@ def caption_config(cfg: CaptionTrainConfig, vision: VisionConfig, lm: ModelConfi
 
 
 def _vision(cfg: CaptionTrainConfig, shape: Callable[..., VisionConfig] | None, digits: ImageSet):
-    """(the image encoder's config, the trained ViT's encoder or None): --vit's, or shape's for a digit."""
+    """(the image encoder's config, the trained ViT's encoder or None): `vit`'s, or shape's for a digit."""
     _, c, h, w = digits.images.shape
     if cfg.vit is None:
         if shape is None:
@@ -139,18 +140,6 @@ def _vision(cfg: CaptionTrainConfig, shape: Callable[..., VisionConfig] | None, 
     return vit_cfg, vit.encoder
 
 
-def load_captioner(path: Path, device: str | torch.device = "cpu") -> tuple[Captioner, CaptionConfig, dict]:
-    return load_vision_dir(path, CaptionConfig.from_dict, build_captioner, "caption", device)
-
-
-def load_tokenizer(path: Path) -> Tokenizer:
-    file = Path(path) / ckpt.TOKENIZER
-    try:
-        return Tokenizer.from_bytes(file.read_bytes())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{file}: cannot read the vocabulary: {e}") from None
-
-
 def train_captioner(cfg: CaptionTrainConfig, shape: Callable[..., VisionConfig] | None = None,
                     say: Callable[[str], None] = print) -> Path:
     """Train (or resume) a captioner; returns the run directory, whose top holds the best model.
@@ -159,7 +148,7 @@ def train_captioner(cfg: CaptionTrainConfig, shape: Callable[..., VisionConfig] 
     image_width=, channels=) (a digit's size), trained with the bridge.
     """
     with guard(cfg.loop.out, say):
-        lm, lm_cfg, tokenizer, _ = ckpt.load_model_dir(cfg.lm)
+        lm, lm_cfg, tokenizer, _ = modeldir.load_model_dir(cfg.lm)
         if lm_cfg.arch != "decoder":
             raise UserError(f"{cfg.lm}: not a decoder-only language model (arch {lm_cfg.arch!r}); "
                             "train one with lm train")

@@ -32,17 +32,16 @@ import torch.nn.functional as F
 
 from transformer.config import ModelConfig
 from transformer.errors import UserError
-from transformer.inference.sampling import sample
 from transformer.model.models import DecoderOnly
 from transformer.text.data import read_text as read_file
+from transformer.inference.lm import NEWLINE, encode_text
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import distributed
 from transformer.training.lock import guard
 from transformer.training.loop import LoopConfig, Objective, fit
-from transformer.training.precision import resolve_device
+from transformer.device import resolve_device
 from transformer.training.run import begin, settle
 
-NEWLINE = "\n"
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ def read_text(path: Path) -> str:
 def train_tokenizer(text: str, vocab: str, vocab_size: int = 1000) -> Tokenizer:
     """A sentencepiece model for LM text: exact round trip, newline a piece (see module docstring)."""
     if vocab not in ("char", "bpe"):
-        raise UserError(f"--vocab {vocab}: choose char or bpe")
+        raise UserError(f"`vocab` {vocab}: choose char or bpe")
     lines = text.split(NEWLINE)
     # Training "sentences": runs of 20 lines with their newlines (sentencepiece wants bounded items).
     chunks = [NEWLINE.join(lines[i : i + 20]) + NEWLINE for i in range(0, len(lines), 20)]
@@ -83,16 +82,9 @@ def train_tokenizer(text: str, vocab: str, vocab_size: int = 1000) -> Tokenizer:
     return Tokenizer.train(chunks, vocab_size, model_type=vocab, user_symbols=[NEWLINE], verbatim=True)
 
 
-def encode_text(tokenizer: Tokenizer, text: str) -> torch.Tensor:
-    """The whole text as one 1-D tensor of token ids (encoded line by line: newlines are pieces anyway)."""
-    lines = text.split(NEWLINE)
-    pieces = tokenizer.encode([line + NEWLINE for line in lines[:-1]] + ([lines[-1]] if lines[-1] else []))
-    return torch.tensor([i for ids in pieces for i in ids], dtype=torch.long)
-
-
 def split_text(text: str, valid_fraction: float) -> tuple[str, str]:
     if not 0 < valid_fraction < 1:
-        raise UserError(f"--valid-fraction {valid_fraction}: must be between 0 and 1")
+        raise UserError(f"`valid_fraction` {valid_fraction}: must be between 0 and 1")
     cut = int(len(text) * (1 - valid_fraction))
     return text[:cut], text[cut:]
 
@@ -167,53 +159,3 @@ def _train_lm(cfg: LMConfig, model_cfg: ModelConfig, say: Callable[[str], None])
 
     objective = Objective(batch=batch, loss=lm_loss, validate=validate, best_metric="loss", higher_is_better=False)
     return fit(loop, model, stored_cfg, tokenizer, objective, state, meta, say)
-
-
-def generate(
-    model: DecoderOnly,
-    tokenizer: Tokenizer,
-    prompt: str,
-    n_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 1,
-) -> str:
-    """The prompt and `n_tokens` sampled tokens after it, as text (see module docstring)."""
-    ids = tokenizer.encode([prompt])[0] if prompt else []
-    if not ids:
-        raise UserError("the prompt is empty (give at least one character, e.g. a newline)")
-    tokens = generate_ids(model, ids, n_tokens, temperature, top_k, top_p, seed)
-    return tokenizer.decode(tokens.tolist())[0]
-
-
-def generate_ids(
-    model: DecoderOnly,
-    ids: list[int],
-    n_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 1,
-) -> torch.Tensor:
-    """(1, len(ids) + n_tokens): the prompt ids and `n_tokens` sampled after them, sliding past the block."""
-    device = next(model.parameters()).device
-    block = model.cfg.max_len
-    if block < 2 and len(ids) + n_tokens > block:
-        raise UserError(f"the model's block of {block} token(s) leaves no room to continue a prompt")
-    tokens = torch.tensor([ids], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    remaining = n_tokens
-    try:
-        while remaining > 0:
-            if tokens.size(1) + remaining <= block:
-                context = tokens
-            else:
-                context = tokens[:, -min(tokens.size(1), max(block // 2, 1)) :]
-            n = min(block - context.size(1), remaining)
-            out = sample(model, context, n, temperature, top_k, top_p, generator)
-            tokens = torch.cat([tokens, out[:, context.size(1) :]], dim=1)
-            remaining -= n
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return tokens

@@ -1,4 +1,4 @@
-"""BERT-style (encoder-only) masked language model: training on sentences, and filling in [MASK].
+"""BERT-style (encoder-only) masked language model: training on sentences (filling in [MASK]: `inference.masked`).
 
 Vocabulary: sentencepiece BPE trained on the training sentences, with the user symbols
 ``[MASK]`` = 4, ``[CLS]`` = 5, ``[SEP]`` = 6 after pad = 0, unk = 1, BOS = 2, EOS = 3.
@@ -31,18 +31,16 @@ from torch import Tensor
 
 from transformer.config import ModelConfig
 from transformer.errors import UserError
+from transformer.inference.masked import CLS, FIRST_REGULAR, MASK, SEP, SYMBOLS
 from transformer.model.models import EncoderOnly
 from transformer.text.data import pad, read_lines
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import distributed
 from transformer.training.lock import guard
 from transformer.training.loop import LoopConfig, Objective, fit
-from transformer.training.precision import resolve_device
+from transformer.device import resolve_device
 from transformer.training.run import begin, settle
 
-SYMBOLS = ("[MASK]", "[CLS]", "[SEP]")
-MASK, CLS, SEP = 4, 5, 6
-FIRST_REGULAR = 7  # ids below are special and never chosen for masking
 IGNORE = -100
 
 
@@ -58,7 +56,7 @@ class MLMConfig:
 
     def __post_init__(self) -> None:
         if self.max_len < 3:
-            raise UserError(f"--max-len {self.max_len}: an MLM sequence needs >= 3 positions ([CLS], a token, [SEP])")
+            raise UserError(f"`max_len` {self.max_len}: an MLM sequence needs >= 3 positions ([CLS], a token, [SEP])")
 
     def to_dict(self) -> dict:
         """JSON-ready, without `loop` (the loop records itself)."""
@@ -121,12 +119,12 @@ def _model_config(model_cfg: ModelConfig, vocab_size: int, max_len: int) -> Mode
 
 
 def _split(cfg: MLMConfig) -> tuple[list[str], list[str]]:
-    """Training and validation sentences: --valid, or the last 5% of the training lines."""
+    """Training and validation sentences: `valid`, or the last 5% of the training lines."""
     lines = _read(cfg.text)
     if cfg.valid is not None:
         return lines, _read(cfg.valid)
     if len(lines) < 2:
-        raise UserError(f"{cfg.text}: too few lines to hold out validation sentences; give --valid")
+        raise UserError(f"{cfg.text}: too few lines to hold out validation sentences; give `valid`")
     n_valid = max(1, len(lines) // 20)
     return lines[:-n_valid], lines[-n_valid:]
 
@@ -196,26 +194,3 @@ def _objective(cfg: MLMConfig, train_seqs: list[list[int]], valid_seqs: list[lis
         return {"loss": loss / n, "accuracy": correct / n, "baseline_accuracy": baseline / n, "masked": n}
 
     return Objective(batch=batch, loss=loss, validate=validate, best_metric="accuracy", higher_is_better=True)
-
-
-def fill(model: EncoderOnly, tokenizer: Tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
-    """For each [MASK] in `text`, the `top_k` most probable fillers (as text) and their probabilities."""
-    ids = tokenizer.encode([text])[0]
-    # sentencepiece writes the space before "[MASK]" as a lone "▁" piece; in training a masked
-    # word carries its space ("▁riding"), so the lone piece is dropped.
-    space = tokenizer.piece_to_id("▁")
-    ids = [t for i, t in enumerate(ids) if not (t == space and i + 1 < len(ids) and ids[i + 1] == MASK)]
-    if MASK not in ids:
-        raise UserError("the text has no [MASK]")
-    ids = [CLS, *ids, SEP]
-    if len(ids) > model.cfg.max_len:
-        raise UserError(f"the text has {len(ids)} tokens, more than the model's {model.cfg.max_len}")
-    device = next(model.parameters()).device
-    tokens = torch.tensor([ids], device=device)
-    with torch.no_grad():
-        probs = model(tokens)[0].float().softmax(-1)  # (T, V)
-    out = []
-    for pos in (tokens[0] == MASK).nonzero().flatten().tolist():
-        p, idx = probs[pos].topk(top_k)
-        out.append([(tokenizer.id_to_piece(i).replace("▁", " ").strip(), q) for i, q in zip(idx.tolist(), p.tolist())])
-    return out

@@ -62,9 +62,9 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.tokenizer_model is not None and self.separate_vocab:
-            raise UserError("--tokenizer-model gives one joint vocabulary; leave out --separate-vocab")
+            raise UserError("`tokenizer_model` gives one joint vocabulary; leave out `separate_vocab`")
         if self.max_len is not None and self.max_len < 3:
-            raise UserError(f"--max-len {self.max_len}: must be >= 3 (BOS, EOS and a token)")
+            raise UserError(f"`max_len` {self.max_len}: must be >= 3 (BOS, EOS and a token)")
 
     def options(self) -> dict:
         return {"max_len": self.max_len, "max_ratio": self.max_ratio, "dedup": self.dedup,
@@ -213,11 +213,11 @@ def _encoders(workers: int, init: tuple) -> Iterator[Callable[[list[_Job]], Iter
 def _check_out(out: Path) -> None:
     """`UserError` unless `out` is new, empty, or a data folder (nothing but files a preprocess writes)."""
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
+        raise UserError(f"`out` {out}: exists and is not a folder")
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK and not shards.is_ours(p.name))
         if foreign:
-            raise UserError(f"--out {out}: holds {foreign[0]!r}, which preprocess did not write; choose an empty "
+            raise UserError(f"`out` {out}: holds {foreign[0]!r}, which preprocess did not write; choose an empty "
                             "or new folder")
 
 

@@ -31,7 +31,7 @@ from transformer.training import distributed
 from transformer.training.lock import guard
 from transformer.training.loop import LoopConfig, Objective, fit
 from transformer.training.losses import label_smoothed_cross_entropy
-from transformer.training.precision import resolve_device
+from transformer.device import resolve_device
 from transformer.training.run import begin, settle
 
 
@@ -57,9 +57,9 @@ class TranslationConfig:
 
     def __post_init__(self) -> None:
         if self.too_long not in ("skip", "error"):
-            raise UserError(f"--too-long {self.too_long}: choose skip or error")
+            raise UserError(f"`too_long` {self.too_long}: choose skip or error")
         if self.bpe_dropout and self.data_bin is not None:
-            raise UserError("--bpe-dropout segments the training text anew each epoch; it cannot read --data-bin's "
+            raise UserError("`bpe_dropout` segments the training text anew each epoch; it cannot read `data_bin`'s "
                             "fixed ids (give the text files instead)")
 
     def to_dict(self) -> dict:
@@ -84,11 +84,11 @@ def _load_corpus(src_path: Path, tgt_path: Path, tokenizer: Tokenizer, max_len: 
     src, tgt, kept = encode_pairs(tokenizer, pairs, max_len, src_path, tgt_path, cfg.max_tokens,
                                   skip_too_long=cfg.too_long == "skip")
     if not kept:
-        raise UserError(f"{src_path}: every pair is too long for the model (max_len {max_len}, --max-tokens "
+        raise UserError(f"{src_path}: every pair is too long for the model (max_len {max_len}, `max_tokens` "
                         f"{cfg.max_tokens})")
     if len(kept) < len(pairs):
         say(f"{src_path}: skipped {len(pairs) - len(kept)} pair(s) too long for the model "
-            f"(max_len {max_len}, --max-tokens {cfg.max_tokens}; --too-long error makes them an error)")
+            f"(max_len {max_len}, `max_tokens` {cfg.max_tokens}; `too_long` error makes them an error)")
     sampler = TokenBatchSampler([len(s) for s in src], [len(t) for t in tgt], cfg.max_tokens, seed=cfg.loop.seed,
                                 shuffle=shuffle)
     return Corpus(src, tgt, sampler, [p.src for p in kept], [p.tgt for p in kept])
@@ -105,13 +105,13 @@ def _load_bin(folder: DataFolder, name: str, max_len: int, cfg: TranslationConfi
         first = int(np.argmin(fits))
         if cfg.too_long == "error":
             raise UserError(f"{split.sources[0]}:{split.lines[first]}: sentence pair has {longest[first]} tokens, too "
-                            f"long for the model (max_len {max_len}, --max-tokens {cfg.max_tokens}); raise them, "
-                            "preprocess with --max-len, or skip such pairs with --too-long skip")
+                            f"long for the model (max_len {max_len}, `max_tokens` {cfg.max_tokens}); raise them, "
+                            "preprocess with `max_len`, or skip such pairs with `too_long` skip")
         if not len(keep):
             raise UserError(f"{folder.root}: every {name} pair is too long for the model (max_len {max_len}, "
-                            f"--max-tokens {cfg.max_tokens})")
+                            f"`max_tokens` {cfg.max_tokens})")
         say(f"{folder.root} {name}: skipped {len(split) - len(keep)} pair(s) too long for the model "
-            f"(max_len {max_len}, --max-tokens {cfg.max_tokens}; --too-long error makes them an error)")
+            f"(max_len {max_len}, `max_tokens` {cfg.max_tokens}; `too_long` error makes them an error)")
     lens = (split.src_lens, split.tgt_lens) if keep is None else (split.src_lens[keep], split.tgt_lens[keep])
     sampler = TokenBatchSampler(*lens, cfg.max_tokens, seed=cfg.loop.seed, shuffle=shuffle)
     text: tuple[list[str], list[str]] = ([], [])
@@ -124,7 +124,7 @@ def _folder_tokenizer(folder: DataFolder) -> Tokenizer:
     src, tgt = folder.tokenizer_paths()
     if src != tgt:
         raise UserError(f"{folder.root}: has a vocabulary per side, but the model has one joint vocabulary; "
-                        "preprocess without --separate-vocab")
+                        "preprocess without `separate_vocab`")
     return Tokenizer.load(src)
 
 
@@ -239,7 +239,7 @@ def _train(cfg: TranslationConfig, model_cfg: ModelConfig, say: Callable[[str], 
     loop = cfg.loop
     if folder is not None:
         if tokenizer.to_bytes() != _folder_tokenizer(folder).to_bytes():
-            raise UserError(f"--data-bin {folder.root}: its vocabulary is not the one of the run in {loop.out}")
+            raise UserError(f"`data_bin` {folder.root}: its vocabulary is not the one of the run in {loop.out}")
         say(f"{folder.root}: " + "; ".join(folder.describe(name) for name in ("train", "valid") if folder.has(name)))
         train_data = _load_bin(folder, "train", stored_cfg.max_len, cfg, True, say)
         valid_data = _load_bin(folder, "valid", stored_cfg.max_len, cfg, False, say)

@@ -30,10 +30,12 @@ from transformer.config import VisionConfig
 from transformer.errors import UserError
 from transformer.images.data import ImageSet, bundled, random_affine, read_folder, split
 from transformer.model.vision import ViT, build_vit
-from transformer.training import checkpoint as ckpt
+from transformer.store.kinds import load_vit
+from transformer.training.checkpoint import list_checkpoints
+from transformer.store import modeldir
 from transformer.training.lock import guard
 from transformer.training.loop import LoopConfig, Objective, fit
-from transformer.training.precision import resolve_device
+from transformer.device import resolve_device
 from transformer.training.run import check_resume
 
 TEST_FRACTION, VALID_FRACTION = 0.2, 0.1
@@ -66,7 +68,7 @@ class _NoVocabulary:
 def splits(images: Path | None, name: str | None) -> dict[str, ImageSet]:
     """{"train", "valid"} of an image folder, or {"test", "valid", "train"} of a bundled set (fixed, seed 0)."""
     if (images is None) == (name is None):
-        raise UserError("give the images: --images DIR or --bundled NAME (one of them)")
+        raise UserError("give the images: `images` DIR or `bundled` NAME (one of them)")
     if images is not None:
         data = read_folder(images)
         valid, train = split(len(data), (VALID_FRACTION,))
@@ -76,39 +78,20 @@ def splits(images: Path | None, name: str | None) -> dict[str, ImageSet]:
     return {"train": data.subset(train), "valid": data.subset(valid), "test": data.subset(test)}
 
 
-def load_vision_dir(path: Path, parse: Callable[[dict], object], build: Callable, kind: str,
-                    device: str | torch.device = "cpu"):
-    """(model in eval mode, config, meta) of a vision model directory; `kind` names the task (in errors)."""
-    model_dict, meta = ckpt.read_config(path)
-    if kind not in meta:
-        raise UserError(f"{path}: not a {kind} model directory")
-    try:
-        cfg = parse(model_dict)
-    except (UserError, TypeError, ValueError) as e:
-        raise UserError(f"{Path(path) / ckpt.CONFIG}: bad model config: {e}") from None
-    model = build(cfg)
-    ckpt.load_weights(model, Path(path) / ckpt.WEIGHTS)
-    return model.to(device).eval(), cfg, meta
-
-
-def load_vit(path: Path, device: str | torch.device = "cpu") -> tuple[ViT, VisionConfig, dict]:
-    return load_vision_dir(path, VisionConfig.from_dict, build_vit, "vit", device)
-
-
 def start(loop: LoopConfig, wanted, meta: dict, build: Callable, load: Callable, d_model: int, device: torch.device,
           say: Callable[[str], None]):
     """(model, its config, train state or None, the loop with its optimiser resolved) of a new run, or of
     the newest checkpoint when resuming; refuses a new run over an old one, and a resume that changes it."""
-    checkpoints = ckpt.list_checkpoints(loop.out)
+    checkpoints = list_checkpoints(loop.out)
     if checkpoints and not loop.resume:
-        raise UserError(f"{loop.out} already holds a training run; pass --resume to continue it, or choose "
-                        "another --out")
+        raise UserError(f"{loop.out} already holds a training run; pass `resume` to continue it, or choose "
+                        "another `out`")
     loop = dataclasses.replace(loop, optim=loop.optim.resolve(d_model, loop.max_steps))
     if not (loop.resume and checkpoints):
         torch.manual_seed(loop.seed)
         return build(wanted).to(device), wanted, None, loop
     model, cfg, recorded = load(checkpoints[-1], device)
-    state = ckpt.load_train_state(checkpoints[-1])
+    state = modeldir.load_train_state(checkpoints[-1])
     if state is None:
         raise UserError(f"{checkpoints[-1]}: checkpoint has no training state to resume from")
     check_resume(loop.out, {"model": cfg.to_dict(), **recorded}, {"model": wanted.to_dict(), "loop": loop.to_dict(),
@@ -154,12 +137,3 @@ def train_vit(cfg: ViTConfig, shape: Callable[..., VisionConfig], say: Callable[
         objective = Objective(batch=batch, loss=loss, validate=lambda m: {"accuracy": accuracy(m, valid)},
                               best_metric="accuracy", higher_is_better=True)
         return fit(loop, model, stored, _NoVocabulary(), objective, state, meta, say)
-
-
-def predict(model: ViT, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """images (N, C, H, W) -> (predicted class (N,), its probability (N,))."""
-    device = next(model.parameters()).device
-    probs = torch.cat([model(images[i : i + batch_size].to(device)).float().softmax(-1).cpu()
-                       for i in range(0, len(images), batch_size)])
-    best = probs.max(dim=-1)
-    return best.indices, best.values

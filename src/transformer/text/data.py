@@ -126,12 +126,12 @@ def encode_pairs(
         if len(longest) > limit:
             problem = f"sentence has {len(longest)} tokens, over the limit of {limit} (raise the model's max_len"
         elif max_tokens is not None and len(longest) + 1 > max_tokens:
-            problem = f"sentence needs {len(longest) + 1} tokens, more than --max-tokens {max_tokens} (raise it"
+            problem = f"sentence needs {len(longest) + 1} tokens, more than `max_tokens` {max_tokens} (raise it"
         if problem is None:
             for out, item in zip(kept, (src, tgt, pair)):
                 out.append(item)
         elif not skip_too_long:
-            raise UserError(f"{path}:{pair.line}: {problem}, clean the data, or skip such pairs with --too-long skip)")
+            raise UserError(f"{path}:{pair.line}: {problem}, clean the data, or skip such pairs with `too_long` skip)")
     return kept
 
 
@@ -162,8 +162,8 @@ class TokenBatchSampler:
         need = int(self.widths.max(initial=0))
         if need > max_tokens:
             raise UserError(
-                f"a sentence pair needs {need} tokens, more than --max-tokens {max_tokens}; "
-                f"raise --max-tokens to at least {need}"
+                f"a sentence pair needs {need} tokens, more than `max_tokens` {max_tokens}; "
+                f"raise `max_tokens` to at least {need}"
             )
 
     def batches(self, epoch: int) -> list[list[int]]:

@@ -35,7 +35,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from transformer.errors import UserError
-from transformer.files import cannot, fsync_dir
+from transformer.files import atomic_write_blocks, cannot, fsync_dir, is_tmp_file, tmp_target
 
 MANIFEST = "manifest.json"
 FORMAT = "transformer-data-bin"
@@ -58,23 +58,9 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 
 def atomic_write(path: Path, blocks: Iterable[bytes]) -> dict:
-    """Replace `path` with the concatenated `blocks` (a temporary file, fsync, rename, fsync of the folder: old or
-    new, never half); its {"bytes", "sha256"} for the manifest."""
-    tmp, digest, size = path.with_name(path.name + _TMP), hashlib.sha256(), 0
-    try:
-        with open(tmp, "wb") as f:
-            for block in blocks:
-                f.write(block)
-                digest.update(block)
-                size += len(block)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise cannot(path, "write", e) from None
-    return {"bytes": size, "sha256": digest.hexdigest()}
+    """`files.atomic_write_blocks`: its {"bytes", "sha256"} for the manifest."""
+    size, digest = atomic_write_blocks(path, blocks)
+    return {"bytes": size, "sha256": digest}
 
 
 def sha256_file(path: Path) -> str:
@@ -87,7 +73,7 @@ def sha256_file(path: Path) -> str:
 
 def is_ours(name: str) -> bool:
     """Whether `name` is a file that a preprocess writes (or its temporary), and may delete when it starts over."""
-    name = name.removesuffix(_TMP)
+    name = tmp_target(name) if is_tmp_file(name) else name.removesuffix(_TMP)  # an index/text file's, a shard's
     return name in (MANIFEST, "tokenizer.model", "src.tokenizer.model", "tgt.tokenizer.model") or (
         name.split(".", 1)[0] in SPLITS and name.endswith((".bin", ".index.npy", ".src.txt", ".tgt.txt")))
 

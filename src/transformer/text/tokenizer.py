@@ -160,13 +160,13 @@ def _training_problem(message: str, vocab_size: int) -> str:
     too_high = re.search(r"Vocabulary size too high .*<= (\d+)", message)
     if too_high:
         return (
-            f"--vocab-size {vocab_size} is too large for this training text; "
-            f"use --vocab-size {too_high.group(1)} or less"
+            f"`vocab_size` {vocab_size} is too large for this training text; "
+            f"use `vocab_size` {too_high.group(1)} or less"
         )
     too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
     if too_low:
         return (
-            f"--vocab-size {vocab_size} is smaller than the {too_low.group(1)} characters and "
+            f"`vocab_size` {vocab_size} is smaller than the {too_low.group(1)} characters and "
             "special tokens of the training text; raise it or lower the character coverage"
         )
     if "!sentences_.empty()" in message:

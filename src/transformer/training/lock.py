@@ -28,9 +28,9 @@ RUN_MARKERS = ("checkpoints", "log.jsonl", LOCK)
 def check_run_dir(out: Path) -> None:
     """`UserError` when `out` exists and is not a folder this tool can train into."""
     if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder; choose another --out")
+        raise UserError(f"{out}: exists and is not a folder; choose another `out`")
     if out.is_dir() and any(out.iterdir()) and not any((out / name).exists() for name in RUN_MARKERS):
-        raise UserError(f"{out}: a folder that holds files but no training run; choose an empty or new --out")
+        raise UserError(f"{out}: a folder that holds files but no training run; choose an empty or new `out`")
 
 
 def _last_step(out: Path) -> int | None:
@@ -56,15 +56,15 @@ def locked_run(out: Path, say: Callable[[str], None] = print) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
             raise UserError(f"{out}: another training command is using this run ({holder}); wait for it, "
-                            "or choose another --out") from None
+                            "or choose another `out`") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}\n".encode(), 0)
         try:
             yield
         except KeyboardInterrupt:
             step = _last_step(out)
-            say(f"interrupted; --resume continues from step {step} (the last checkpoint)" if step is not None
-                else "interrupted before the first checkpoint; --resume starts the run again")
+            say(f"interrupted; `resume` continues from step {step} (the last checkpoint)" if step is not None
+                else "interrupted before the first checkpoint; `resume` starts the run again")
             raise
     finally:
         os.close(fd)  # releases the lock

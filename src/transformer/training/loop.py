@@ -39,9 +39,11 @@ from transformer.config import ModelConfig
 from transformer.errors import UserError
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import checkpoint as ckpt
+from transformer.store import modeldir
+from transformer import files
 from transformer.training import distributed
 from transformer.training.optim import OptimConfig, make_optimizer
-from transformer.training.precision import resolve_precision
+from transformer.device import resolve_precision
 
 LOG = "log.jsonl"
 
@@ -122,7 +124,7 @@ def _trim_log(path: Path, step: int) -> None:
             continue
     trimmed = "".join(line + "\n" for line in kept)
     if trimmed != text:
-        ckpt.atomic_write_text(path, trimmed)
+        files.atomic_write_text(path, trimmed)
 
 
 def _quiet(message: str) -> None:
@@ -182,7 +184,7 @@ class Trainer:
         dist.all_gather_object(everyone, mine)
         if any(other != mine for other in everyone):
             raise UserError("the ranks built different tokenizers or model configs; train the vocabulary once "
-                            "(one process), then --resume from it")
+                            "(one process), then `resume` from it")
 
     def restore(self, state: dict | None) -> None:
         """Continue from a checkpoint's training state, or seed a new run."""
@@ -275,11 +277,11 @@ class Trainer:
             state["rng_ranks"] = rng_ranks
         # The order matters (see `restore_best`): when this validation is the best, its checkpoint is the
         # newest one, which pruning keeps, until the copy of its model at the top of the run is complete.
-        ckpt.save_model_dir(ckpt.checkpoint_dir(out, self.step), self.model, self.model_cfg, self.tokenizer_bytes,
+        modeldir.save_model_dir(ckpt.checkpoint_dir(out, self.step), self.model, self.model_cfg, self.tokenizer_bytes,
                             state, self.meta)
         ckpt.prune_checkpoints(out, self.cfg.keep_last)
         if improved:
-            ckpt.save_model_dir(out, self.model, self.model_cfg, self.tokenizer_bytes, meta=self._best_meta())
+            modeldir.save_model_dir(out, self.model, self.model_cfg, self.tokenizer_bytes, meta=self._best_meta())
 
     def _best_meta(self) -> dict:
         return self.meta | {"best": {"step": self.best_step, self.objective.best_metric: self.best}}
@@ -298,7 +300,7 @@ class Trainer:
         out = Path(self.cfg.out)
         if self.best_step is None:
             return
-        meta = ckpt.read_meta(out)
+        meta = modeldir.read_meta(out)
         if meta is not None and (meta.get("best") or {}).get("step") == self.best_step:
             return
         source = ckpt.checkpoint_dir(out, self.best_step)
@@ -307,10 +309,10 @@ class Trainer:
                      f"is gone; the model there stays until the next better validation")
             return
         self.say(f"{out}: the best model (step {self.best_step}) was not in place; copied it from {source}")
-        ckpt.copy_model_dir(source, out, self._best_meta())
+        modeldir.copy_model_dir(source, out, self._best_meta())
 
     def log(self, record: dict) -> None:
-        ckpt.append_text(Path(self.cfg.out) / LOG, json.dumps(record) + "\n")
+        files.append_text(Path(self.cfg.out) / LOG, json.dumps(record) + "\n")
 
     def done(self) -> bool:
         cfg = self.cfg
@@ -357,7 +359,7 @@ class Trainer:
             self.validate_and_checkpoint()
 
     def _agreed_clock(self, elapsed: float) -> float:
-        """The run's wall-clock time; under torchrun with --max-minutes, process 0's, so that all stop together."""
+        """The run's wall-clock time; under torchrun with `max_minutes`, process 0's, so that all stop together."""
         if not (self.world.active and self.cfg.max_minutes is not None):
             return elapsed
         clock = torch.tensor([elapsed], dtype=torch.float64, device=self.device)

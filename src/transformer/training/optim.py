@@ -49,11 +49,11 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise UserError(f"--schedule {self.schedule}: choose {', '.join(SCHEDULES)}")
+            raise UserError(f"`schedule` {self.schedule}: choose {', '.join(SCHEDULES)}")
         if self.warmup < 0:
-            raise UserError(f"--warmup {self.warmup}: must be >= 0")
+            raise UserError(f"`warmup` {self.warmup}: must be >= 0")
         if self.lr is not None and self.lr <= 0:
-            raise UserError(f"--lr {self.lr}: must be > 0")
+            raise UserError(f"`lr` {self.lr}: must be > 0")
 
     def resolve(self, d_model: int, max_steps: int | None) -> "OptimConfig":
         """This configuration with every default decided: the peak lr (lr_scale applied), decay_steps, min_lr."""

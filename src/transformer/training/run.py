@@ -18,8 +18,9 @@ from transformer.errors import UserError
 from transformer.model.models import build_model
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import checkpoint as ckpt
+from transformer.store import modeldir
 from transformer.training.loop import LoopConfig
-from transformer.training.precision import resolve_device
+from transformer.device import resolve_device
 
 
 def open_run(cfg: LoopConfig, say: Callable[[str], None]):
@@ -29,11 +30,11 @@ def open_run(cfg: LoopConfig, say: Callable[[str], None]):
     """
     checkpoints = ckpt.list_checkpoints(cfg.out)
     if checkpoints and not cfg.resume:
-        raise UserError(f"{cfg.out} already holds a training run; pass --resume to continue it, or choose another --out")
+        raise UserError(f"{cfg.out} already holds a training run; pass `resume` to continue it, or choose another `out`")
     if cfg.resume and checkpoints:
         latest = checkpoints[-1]
-        model, model_cfg, tokenizer, meta = ckpt.load_model_dir(latest, resolve_device(cfg.device))
-        state = ckpt.load_train_state(latest)
+        model, model_cfg, tokenizer, meta = modeldir.load_model_dir(latest, resolve_device(cfg.device))
+        state = modeldir.load_train_state(latest)
         if state is None:
             raise UserError(f"{latest}: checkpoint has no training state to resume from")
         say(f"resuming from {latest} (step {state['step']})")
@@ -74,8 +75,6 @@ def settle(cfg: LoopConfig, model_cfg: ModelConfig, wanted: ModelConfig, recorde
 # the resumed run another run; --resume refuses it.
 RESUMABLE = {"max_steps", "max_minutes", "max_epochs", "resume", "progress", "device", "precision",
              "log_every", "keep_last", "valid_every", "valid_bleu_lines", "eval_batches"}
-_FLAGS = {"n_encoder_layers": "--encoder-layers (or --layers)", "n_decoder_layers": "--decoder-layers (or --layers)",
-          "tokenizer_type": "--tokenizer"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -86,7 +85,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def check_resume(out: Path, recorded: dict, now: dict, say: Callable[[str], None]) -> None:
-    """Refuse (`UserError` naming the flag) to resume the run in `out` with settings that change it.
+    """Refuse (`UserError` naming the setting) to resume the run in `out` with settings that change it.
 
     `recorded` and `now`: the run's configuration as its checkpoint recorded it and as this
     command would start it, as nested dicts ({"model": ..., "loop": ..., task: ...}). Keys
@@ -99,10 +98,10 @@ def check_resume(out: Path, recorded: dict, now: dict, say: Callable[[str], None
         if old[key] == new[key]:
             continue
         name = key.rsplit(".", 1)[-1]
-        flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+        flag = f"`{name}`"  # the setting; the command line shows its flag
         if name in RESUMABLE:
             if name not in ("resume", "progress"):
                 say(f"resuming with {flag} {new[key]} (the run had {old[key]})")
             continue
-        raise UserError(f"--resume: {flag} would be {new[key]!r} but the run in {out} has {old[key]!r}; "
-                        "resume with the run's settings, or start a new run with another --out")
+        raise UserError(f"`resume`: {flag} would be {new[key]!r} but the run in {out} has {old[key]!r}; "
+                        "resume with the run's settings, or start a new run with another `out`")

@@ -12,9 +12,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is available on this machine")
+        raise UserError(f"`device` {name}: no CUDA GPU is available on this machine")
     if name not in ("cpu",) and not name.startswith("cuda"):
-        raise UserError(f"--device {name}: choose auto, cpu or cuda")
+        raise UserError(f"`device` {name}: choose auto, cpu or cuda")
     return torch.device(name)
 
 
@@ -43,7 +43,7 @@ def resolve_precision(name: str, device: torch.device, training: bool = True) ->
     native bf16, bf16 is about 40x slower (BENCHMARKS.md).
     """
     if name not in ("auto", "fp32", "bf16"):
-        raise UserError(f"--precision {name}: choose fp32, bf16 or auto")
+        raise UserError(f"`precision` {name}: choose fp32, bf16 or auto")
     if name != "auto":
         return name, "as asked"
     if not native_bf16(device):

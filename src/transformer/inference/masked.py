@@ -1,0 +1,60 @@
+"""A BERT-style encoder as text in, text out: the likely fillers of each [MASK], and sentence vectors.
+
+Its vocabulary has the user symbols ``[MASK]`` = 4, ``[CLS]`` = 5, ``[SEP]`` = 6 after pad = 0,
+unk = 1, BOS = 2, EOS = 3 (`tasks.mlm` trains it); a sequence is ``[CLS] sentence [SEP]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from transformer.errors import UserError
+from transformer.model.models import EncoderOnly
+from transformer.text.data import pad
+from transformer.text.tokenizer import Tokenizer
+
+SYMBOLS = ("[MASK]", "[CLS]", "[SEP]")
+MASK, CLS, SEP = 4, 5, 6
+FIRST_REGULAR = 7  # ids below are special
+
+
+def _sequence(model: EncoderOnly, tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+    """[CLS] ids [SEP], or `UserError` when that is longer than the model takes."""
+    ids = [CLS, *ids, SEP]
+    if len(ids) > model.cfg.max_len:
+        raise UserError(f"the text has {len(ids)} tokens, more than the model's {model.cfg.max_len}")
+    return ids
+
+
+@torch.no_grad()
+def fill(model: EncoderOnly, tokenizer: Tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """For each [MASK] in `text`, the `top_k` most probable fillers (as text) and their probabilities."""
+    ids = tokenizer.encode([text])[0]
+    # sentencepiece writes the space before "[MASK]" as a lone "▁" piece; in training a masked
+    # word carries its space ("▁riding"), so the lone piece is dropped.
+    space = tokenizer.piece_to_id("▁")
+    ids = [t for i, t in enumerate(ids) if not (t == space and i + 1 < len(ids) and ids[i + 1] == MASK)]
+    if MASK not in ids:
+        raise UserError("the text has no [MASK]")
+    tokens = torch.tensor([_sequence(model, tokenizer, ids)], device=next(model.parameters()).device)
+    probs = model(tokens)[0].float().softmax(-1)  # (T, V)
+    out = []
+    for pos in (tokens[0] == MASK).nonzero().flatten().tolist():
+        p, idx = probs[pos].topk(top_k)
+        out.append([(tokenizer.id_to_piece(i).replace("▁", " ").strip(), q) for i, q in zip(idx.tolist(), p.tolist())])
+    return out
+
+
+@torch.no_grad()
+def embed(model: EncoderOnly, tokenizer: Tokenizer, texts: list[str], batch_size: int = 64) -> Tensor:
+    """Sentence vectors (N, d_model): the mean of the encoder's last hidden states over each sentence's
+    tokens, [CLS] and [SEP] included, padding excluded (float32, on the CPU)."""
+    seqs = [_sequence(model, tokenizer, ids) for ids in tokenizer.encode(texts)]
+    device, out = next(model.parameters()).device, []
+    for i in range(0, len(seqs), batch_size):
+        tokens = pad(seqs[i : i + batch_size], model.cfg.pad_id).to(device)  # (B, T)
+        keep = (tokens != model.cfg.pad_id).unsqueeze(-1).float()  # (B, T, 1)
+        h = model.hidden(tokens).float()  # (B, T, d_model)
+        out.append(((h * keep).sum(1) / keep.sum(1)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.cfg.d_model)
