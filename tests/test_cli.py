@@ -85,7 +85,9 @@ def test_resume_refuses_flags_that_change_the_run_and_allows_harmless_ones(data,
         args = _args(data, out, "--warmup", "4", "--max-steps", "6", "--seed", "2", "--resume")
         args += flags  # the last occurrence of a flag wins
         assert main(args) == 2, name
-        err = capsys.readouterr().err.strip().splitlines()[-1]
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 2 and lines[0].startswith("resuming from"), lines  # refused before reading the data
+        err = lines[-1]
         assert err.startswith("transformer translation train: error: --resume: --"), err
         assert f"{name} would be" in err, err
     assert [r["step"] for r in _records(out, "train")] == [1, 2, 3]  # nothing trained by the refused runs

@@ -237,6 +237,9 @@ def _train(cfg: TranslationConfig, model_cfg: ModelConfig, say: Callable[[str], 
         cfg.loop, "encoder-decoder", shape, lambda: _folder_tokenizer(folder) if folder else _tokenizer(cfg, say),
         device, say)
     loop = cfg.loop
+    meta = {"translation": cfg.to_dict()}
+    if recorded is not None:  # a resume that would change the run is refused before the data is read
+        settle(loop, stored_cfg, shape(stored_cfg.vocab_size), recorded, meta, lambda _: None)
     if folder is not None:
         if tokenizer.to_bytes() != _folder_tokenizer(folder).to_bytes():
             raise UserError(f"`data_bin` {folder.root}: its vocabulary is not the one of the run in {loop.out}")
@@ -257,7 +260,6 @@ def _train(cfg: TranslationConfig, model_cfg: ModelConfig, say: Callable[[str], 
     if cfg.max_epochs is not None:
         epoch_steps = batches.steps_in(cfg.max_epochs, loop.update_freq * world.world_size)
         loop = dataclasses.replace(loop, max_steps=min(loop.max_steps or epoch_steps, epoch_steps))
-    meta = {"translation": cfg.to_dict()}
     loop = settle(loop, stored_cfg, shape(stored_cfg.vocab_size), recorded, meta, say)
 
     def loss(model: EncoderDecoder, batch) -> tuple[torch.Tensor, int]:
