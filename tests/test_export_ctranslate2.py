@@ -243,7 +243,7 @@ def test_translate_and_evaluate_take_the_exported_folder(exported, trained_trans
 
 
 def test_the_readme_lines_translate_with_ctranslate2_and_sentencepiece_alone(exported, trained, multi30k_valid_en):
-    """The five lines of README.md, section Export (greedy here, to compare with our greedy)."""
+    """The five lines of docs/export.md (greedy here, to compare with our greedy)."""
     model_dir = str(exported)
     sp = sentencepiece.SentencePieceProcessor(model_file=f"{model_dir}/tokenizer.model")
     translator = ctranslate2.Translator(model_dir, intra_threads=1)

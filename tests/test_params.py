@@ -1,5 +1,5 @@
 """Parameter counts of the presets, by hand from each preset's shape, against the paper's Table 3,
-BERT-base's block sizes and the README's table; through the code and through `transformer params`."""
+BERT-base's block sizes and the table of docs/model.md; through the code and through `transformer params`."""
 
 import json
 
@@ -65,7 +65,7 @@ def hand_count(name: str, vocab: int | None = None, tied: bool = True) -> dict[s
 
 
 def test_hand_count_matches_the_published_numbers():
-    """The hand count itself, against numbers stated outside the code (README table, BERT paper)."""
+    """The hand count itself, against numbers stated outside the code (docs/model.md's table, BERT paper)."""
     assert hand_count("tiny")["total"] == 74_752
     assert hand_count("small")["total"] == 7_577_600
     assert hand_count("base")["total"] == 63_082_496
@@ -82,7 +82,7 @@ def test_count_parameters_matches_hand_count(name, no_init):
 
 def test_base_and_big_against_the_paper(no_init, capsys):
     base, big = hand_count("base")["total"], hand_count("big")["total"]
-    assert 62e6 < base < 64e6  # paper: 65M (see README for the difference)
+    assert 62e6 < base < 64e6  # paper: 65M (docs/model.md says why)
     assert abs(big - 213e6) / 213e6 < 0.02  # paper: 213M
     # The big model through the command.
     assert main(["params", "--preset", "big", "--vocab-size", "37000", "--json"]) == 0

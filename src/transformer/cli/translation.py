@@ -20,7 +20,7 @@ from transformer.errors import UserError
 TRAIN_DEFAULTS = dict(schedule="inverse-sqrt", warmup=4000, beta2=0.98, adam_eps=1e-9, weight_decay=0.0,
                       valid_every=1000, keep_last=5)
 # Named recipes (--recipe): flag values under --config's and the command line's. "small-data": the best of an
-# hour of a 2-core CPU on about 30k pairs, chosen by the Multi30k ablations on the validation set (README,
+# hour of a 2-core CPU on about 30k pairs, chosen by the Multi30k ablations on the validation set (docs/results.md,
 # "Multi30k results"; scripts/multi30k_ablations.py).
 RECIPES = {
     "small-data": dict(preset="small", vocab_size=8000, dropout=0.2, max_tokens=2048, warmup=800, lr_scale=0.7,
@@ -208,7 +208,7 @@ def _register_train(sub) -> None:
                       help="decode only the first N validation lines for BLEU")
     flags.training(p, TRAIN_DEFAULTS)
     p.add_argument("--recipe", choices=list(RECIPES),
-                   help="a named recipe: small-data = the README's Multi30k recipe for about 30k pairs on a CPU "
+                   help="a named recipe: small-data = the Multi30k recipe (docs/results.md) for about 30k pairs on a CPU "
                         "(small model, dropout 0.2, 2,048-token batches, 5,500 steps or 60 minutes)")
     p.set_defaults(recipes=RECIPES)
 
