@@ -161,15 +161,14 @@ def _attention(args: argparse.Namespace) -> None:
 
 def _quickstart(args: argparse.Namespace) -> None:
     """Train a small en->de model on the bundled Multi30k with the small-data recipe, then score it on test2016."""
+    from transformer.api.load import load_as
+    from transformer.api.text import Translator
     from transformer.cli import parse
     from transformer.corpora import multi30k_dir
-    from transformer.inference.search import SearchConfig
-    from transformer.inference.translate import translate_lines
     from transformer.report.metrics import score
+    from transformer.store.modeldir import read_meta
     from transformer.tasks.translation import train
     from transformer.text.data import read_lines
-    from transformer.store.modeldir import load_model_dir
-    from transformer.device import resolve_device
 
     data = multi30k_dir()
     # `transformer train --recipe small-data`, in the time given
@@ -178,10 +177,10 @@ def _quickstart(args: argparse.Namespace) -> None:
                         "--device", args.device, *(["--resume"] if args.resume else [])])
     start = time.perf_counter()
     run = train(_train_config(train_args), flags.model_config(train_args), say=say)
-    model, _, tokenizer, meta = load_model_dir(run, resolve_device(args.device))
+    translator = load_as(Translator, run, device=args.device, precision="fp32")
     src, ref = read_lines(data / "test2016.en"), read_lines(data / "test2016.de")
-    hyps = translate_lines(model, tokenizer, src, SearchConfig(beam=4, alpha=0.6), batch_size=64, progress=True)
-    print(f"Multi30k test2016 en->de, best checkpoint (step {meta['best']['step']}), beam 4:")
+    hyps = translator.translate(src, beam=4, alpha=0.6, batch_size=64, progress=True)
+    print(f"Multi30k test2016 en->de, best checkpoint (step {read_meta(run)['best']['step']}), beam 4:")
     print(score(hyps, ref))
     for s, h in list(zip(src, hyps))[:5]:
         print(f"  EN: {s}\n  DE: {h}")
