@@ -26,13 +26,13 @@ import torch
 
 from transformer.corpora import multi30k_dir
 from transformer.export.ctranslate2 import export_ctranslate2
-from transformer.inference.ctranslate2 import CTranslate2Translator, cpu_info
+from transformer.inference.ctranslate2 import CTranslate2Translator, cpu_vendor
 from transformer.inference.runtime import DecodingModel
 from transformer.inference.search import SearchConfig
 from transformer.inference.translate import translate_lines
 from transformer.report.metrics import score
-from transformer.text.data import read_lines
 from transformer.store.modeldir import load_model_dir
+from transformer.text.data import read_lines
 
 
 def main() -> None:
@@ -64,7 +64,7 @@ def main() -> None:
                 translator.translate, lines, batch_size=args.batch_size)
 
         print(f"{args.input}: {len(lines)} sentences, {args.threads} thread(s), torch {torch.__version__}, "
-              f"CPU vendor {cpu_info()[0]}; {int8_line}\n")
+              f"CPU vendor {cpu_vendor()}; {int8_line}\n")
         print("| search | system | BLEU | wall time (s) | identical to ours |")
         print("|---|---|---:|---:|---:|")
         for search in (SearchConfig(beam=args.beam, alpha=args.alpha), SearchConfig(beam=1)):

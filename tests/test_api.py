@@ -2,8 +2,10 @@
 test, what Python gives equals what the command line prints; the streams, scores and perplexities equal
 their definitions computed by hand; bad input raises `transformer.Error` with one line."""
 
-import json
+import ast
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,6 @@ import torch.nn.functional as F
 import transformer
 from transformer.cli import main
 from transformer.corpora import multi30k_dir, tinyshakespeare_path
-from transformer.text.data import collate_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -300,4 +301,8 @@ def test_the_public_surface_is_exactly_the_interface():
     assert issubclass(transformer.UserError, transformer.Error)
     with pytest.raises(AttributeError):
         transformer.build_model  # noqa: B018 - internal now
-    assert json.loads(json.dumps(sorted(dir(transformer))))  # dir() lists the lazy names
+    fresh = subprocess.run([sys.executable, "-c", "import sys, transformer; print(sorted(dir(transformer)));"
+                            "print('torch' in sys.modules)"], capture_output=True, text=True, timeout=60)
+    names, torch_imported = fresh.stdout.splitlines()
+    assert set(transformer.__all__) <= set(ast.literal_eval(names))  # dir() lists the names not yet imported
+    assert torch_imported == "False"  # `import transformer` imports nothing heavy until a name is used

@@ -23,16 +23,26 @@ from transformer.cli import main  # noqa: E402
 from transformer.cli.common import say_flags  # noqa: E402
 from transformer.config import preset  # noqa: E402
 from transformer.corpora import tinyshakespeare_path  # noqa: E402
+from transformer.device import cpu_flags  # noqa: E402
 from transformer.export.ctranslate2 import TransformerConverter  # noqa: E402
-from transformer.inference.ctranslate2 import CTranslate2Translator, backend_line, cpu_info  # noqa: E402
-from transformer.store.kinds import is_ctranslate2_dir  # noqa: E402
+from transformer.inference.ctranslate2 import (  # noqa: E402
+    CTranslate2Translator,
+    backend_line,
+    cpu_vendor,
+)
 from transformer.inference.runtime import DecodingModel  # noqa: E402
 from transformer.inference.sampling import sample  # noqa: E402
-from transformer.inference.search import SearchConfig, beam_search, greedy_search, max_lengths  # noqa: E402
+from transformer.inference.search import (  # noqa: E402
+    SearchConfig,
+    beam_search,
+    greedy_search,
+    max_lengths,
+)
 from transformer.model.models import build_model  # noqa: E402
+from transformer.store.kinds import is_ctranslate2_dir  # noqa: E402
+from transformer.store.modeldir import load_model_dir, save_model_dir  # noqa: E402
 from transformer.text.data import collate_source  # noqa: E402
 from transformer.text.tokenizer import Tokenizer  # noqa: E402
-from transformer.store.modeldir import load_model_dir, save_model_dir# noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +166,7 @@ def _score_in_a_new_process(folder: Path, use_mkl: str | None, pieces: list) -> 
     return json.loads(done.stdout), done.stderr
 
 
-@pytest.mark.skipif(cpu_info()[0] is None, reason="CTranslate2 has two int8 backends on x86 CPUs only")
+@pytest.mark.skipif(cpu_vendor() is None, reason="CTranslate2 has two int8 backends on x86 CPUs only")
 def test_both_int8_backends_compute_the_same_and_the_line_names_the_one_that_runs(int8_exported, trained):
     """With int8 weights in [-64, 64], oneDNN's int8 (CT2_USE_MKL=0) and Intel MKL's (=1) compute the same
     products: their log-probabilities agree to float rounding, on any CPU (EPYC: identical). With
@@ -191,7 +201,7 @@ def test_translate_says_which_int8_backend_runs(int8_exported, exported, multi30
     to [-127, 127]: the line says so where that saturates."""
     source = tmp_path / "in.en"
     source.write_text("\n".join(multi30k_valid_en[:3]) + "\n", encoding="utf-8")
-    vendor, flags = cpu_info()
+    vendor, flags = cpu_vendor(), cpu_flags()
     mkl = os.environ.get("CT2_USE_MKL") or None
     lines = [say_flags(backend_line(vendor, flags, mkl, exact_grid=exact)) for exact in (True, False)]  # as flags
     for folder, extra, line in ((int8_exported, [], lines[0]), (exported, [], None),

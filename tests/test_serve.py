@@ -8,6 +8,7 @@ while a batch decodes, without relying on timing.
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 from fastapi.testclient import TestClient
@@ -340,11 +341,11 @@ def test_an_exported_ctranslate2_model_is_served(untrained_model_dir, tmp_path):
     from transformer.serve.engine import CTranslate2Engine
 
     export_model(untrained_model_dir, "ctranslate2", tmp_path / "ct2")
-    translator = CTranslate2Translator(tmp_path / "ct2", threads=1, search=SEARCH)
-    with TestClient(create_app(CTranslate2Engine(translator, "ct2"))) as client:
+    translator = CTranslate2Translator(tmp_path / "ct2", threads=1)
+    with TestClient(create_app(CTranslate2Engine(translator, SEARCH, "ct2"))) as client:
         wait_ready(client)
         r = client.post("/translate", json={"text": LINES, "beam": 1})
-        assert r.json()["translations"] == translator.translate_batch(LINES, 1, 0.6)
+        assert r.json()["translations"] == translator.translate(LINES, replace(SEARCH, beam=1, alpha=0.6))
         assert client.get("/info").json()["engine"] == "ctranslate2" and not client.get("/info").json()["attention"]
         assert client.post("/attention", json={"text": LINES[0]}).status_code == 501
 

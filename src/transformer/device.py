@@ -29,8 +29,12 @@ def native_bf16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    flags = torch._C._cpu._get_cpu_capability()  # cpuinfo's flags: {"avx512_bf16": True, ...}
-    return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> set[str]:
+    """The instruction sets this CPU has, as cpuinfo (through torch) names them: {"avx2", "avx512_vnni", ...}."""
+    return {name for name, present in torch._C._cpu._get_cpu_capability().items() if present}
 
 
 def resolve_precision(name: str, device: torch.device, training: bool = True) -> tuple[str, str]:

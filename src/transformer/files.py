@@ -66,18 +66,15 @@ def tmp_target(name: str) -> str:
     return name[1:].rsplit(".tmp-", 1)[0]
 
 
-def _clear_stale(path: Path) -> None:
-    """Remove the temporaries of killed earlier atomic writes of `path`."""
+def _replace_with(path: Path, write: Callable[[Path], None]) -> None:
+    """Replace `path` with what `write(tmp)` writes (and fsyncs) into its temporary sibling: the temporaries of
+    killed earlier writes removed first, then the rename and the folder's fsync. Raises OSError, and leaves
+    no temporary file, when it fails."""
     for stale in path.parent.glob(glob.escape(f".{path.name}.tmp-") + "*"):
         stale.unlink(missing_ok=True)
-
-
-def replace_file(path: Path, data: bytes) -> None:
-    """`atomic_write_bytes` raising OSError, and leaving no temporary file when it fails."""
-    _clear_stale(path)
     tmp = tmp_name(path)
     try:
-        write_synced(tmp, data)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         discard([tmp])
@@ -85,13 +82,18 @@ def replace_file(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """`atomic_write_bytes` raising OSError, and leaving no temporary file when it fails."""
+    _replace_with(path, lambda tmp: write_synced(tmp, data))  # looked up at call time: the fault tests tear it
+
+
 def atomic_write_blocks(path: Path, blocks: Iterable[bytes]) -> tuple[int, str]:
     """Replace `path` with the concatenated `blocks`, written as they come, old or new even after a crash;
     (size, sha256 hex). `UserError` ("PATH: cannot write: reason") when it fails; the old content stays."""
-    path = Path(path)
-    _clear_stale(path)
-    tmp, digest, size = tmp_name(path), hashlib.sha256(), 0
-    try:
+    digest, size = hashlib.sha256(), 0
+
+    def write(tmp: Path) -> None:
+        nonlocal size
         with open(tmp, "wb") as f:
             for block in blocks:
                 f.write(block)
@@ -99,14 +101,12 @@ def atomic_write_blocks(path: Path, blocks: Iterable[bytes]) -> tuple[int, str]:
                 size += len(block)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+
+    path = Path(path)
+    try:
+        _replace_with(path, write)
     except OSError as e:
-        discard([tmp])
         raise cannot(path, "write", e) from None
-    except BaseException:
-        discard([tmp])
-        raise
     return size, digest.hexdigest()
 
 

@@ -37,7 +37,7 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", quanti
         raise UserError(f"`engine` {engine}: choose auto, torch or ctranslate2")
     if engine == "ctranslate2" and kind != "ctranslate2":
         raise UserError(f"{path}: not an exported CTranslate2 folder (no {kinds.CT2_MODEL} and {kinds.CT2_CONFIG})")
-    if kind != "translation" and (quantize is not None or compile) and kind != "ctranslate2":
+    if kind not in ("translation", "ctranslate2") and (quantize is not None or compile):
         raise UserError(f"`quantize` and `compile` are for translation models; {path} holds {KIND_NAMES[kind]}")
     if kind == "ctranslate2":
         if engine == "torch":
@@ -76,6 +76,5 @@ def load_as(cls: type, path: str | Path, **options) -> Model:
 def serving_engine(translator: Translator, name: str, search: SearchConfig) -> Engine:
     """The engine `transformer serve` decodes `translator` with (`search`: all but beam and alpha)."""
     if translator.engine == "ctranslate2":
-        translator._ct2.search = search
-        return CTranslate2Engine(translator._ct2, name)
+        return CTranslate2Engine(translator._ct2, search, name)
     return TorchEngine(translator._torch, translator.tokenizer, search, name, decoder=translator._decoder)

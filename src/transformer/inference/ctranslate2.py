@@ -32,7 +32,7 @@ Our export therefore stores int8 weights on the grid [-64, 64] (`export/ctransla
 2·255·64 = 32,640 fits: every backend computes the same exact products. A folder exported
 before, or a float32 folder run as int8 (CTranslate2 quantizes it on load to [-127, 127]), is
 still inexact there; `backend_line` says so. (MKL's int8 is exact on AMD CPUs but,
-measured on the EPYC, 7x slower than oneDNN's and 3x slower than float32.)
+measured on the EPYC, 4-6x slower than oneDNN's and about 3x slower than float32: docs/export.md.)
 """
 
 from __future__ import annotations
@@ -40,40 +40,41 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import replace
 from itertools import groupby
 from pathlib import Path
 
 import torch
 
 from transformer.config import ModelConfig
+from transformer.device import cpu_flags
 from transformer.errors import UserError
 from transformer.inference.search import SearchConfig, length_penalty
 from transformer.inference.translate import check_lengths
-from transformer.store.kinds import CT2_CONFIG, CT2_MODEL, CT2_TOKENIZER, is_ctranslate2_dir
+from transformer.store.kinds import (
+    CT2_CONFIG,
+    CT2_MODEL,
+    CT2_TOKENIZER,
+    is_ctranslate2_dir,
+)
 from transformer.text.tokenizer import Tokenizer
 
 INTEL = "GenuineIntel"
 INT8_MAX = 64  # the export's int8 weights lie in [-INT8_MAX, INT8_MAX] (module docstring)
 
 
-def cpu_info() -> tuple[str | None, set[str]]:
-    """(vendor string, e.g. "GenuineIntel" or "AuthenticAMD", and flags) of an x86 CPU under Linux;
-    (None, set()) elsewhere."""
+def cpu_vendor() -> str | None:
+    """The x86 CPU's vendor ("GenuineIntel", "AuthenticAMD", ...) under Linux; None elsewhere."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return None, set()
-    vendor, flags = None, set()
+        return None
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "vendor_id" and vendor is None:
-                    vendor = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
+                if key.strip() == "vendor_id":
+                    return value.strip()
     except OSError:
         pass
-    return vendor, flags
+    return None
 
 
 def backend_line(vendor: str | None, flags: set[str], use_mkl: str | None, exact_grid: bool) -> str:
@@ -116,14 +117,13 @@ class CTranslate2Translator:
 
     `compute_type` is CTranslate2's ("default": the type the weights were exported in; "int8",
     "float32", "bfloat16", ...); `threads` its intra_threads (None: as many as PyTorch uses,
-    `torch.get_num_threads()`, which follows OMP_NUM_THREADS; 0: CTranslate2's default). `search` holds
-    everything of the search but beam and alpha, which `translate_batch` takes per call.
+    `torch.get_num_threads()`, which follows OMP_NUM_THREADS; 0: CTranslate2's default).
     `backend` says which int8 matrix product runs (`backend_line`), or is None when the model
     does not run int8 on the CPU.
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", compute_type: str = "default",
-                 threads: int | None = None, search: SearchConfig | None = None) -> None:
+                 threads: int | None = None) -> None:
         ctranslate2 = import_ctranslate2()
         path = Path(path)
         if not is_ctranslate2_dir(path):
@@ -136,7 +136,6 @@ class CTranslate2Translator:
         if self.cfg.arch != "encoder-decoder":
             raise UserError(f"{path}: not a translation model (arch {self.cfg.arch!r})")
         self.tokenizer = Tokenizer.load(path / CT2_TOKENIZER)
-        self.search = search or SearchConfig()
         device_name, index = _device(device)
         threads = torch.get_num_threads() if threads is None else threads
         try:
@@ -148,13 +147,9 @@ class CTranslate2Translator:
         if self.translator.device == "cpu" and self.translator.compute_type.startswith("int8"):
             stored_int8 = str(meta.get("quantization", "")).startswith("int8")  # else quantized on load
             exact = stored_int8 and meta.get("int8_max", 127) <= INT8_MAX
-            self.backend = backend_line(*cpu_info(), os.environ.get("CT2_USE_MKL") or None, exact)
+            self.backend = backend_line(cpu_vendor(), cpu_flags(), os.environ.get("CT2_USE_MKL") or None, exact)
         self._pieces = [self.tokenizer.id_to_piece(i) for i in range(self.tokenizer.vocab_size)]
         self._ids = {piece: i for i, piece in enumerate(self._pieces)}
-
-    def translate_batch(self, lines: list[str], beam: int, alpha: float) -> list[str]:
-        """Translations of `lines` (detokenized, in their order), beam 1 = greedy, alpha: our length penalty."""
-        return self.translate(lines, replace(self.search, beam=beam, alpha=alpha))
 
     def translate(self, lines: list[str], search: SearchConfig, batch_size: int = 64,
                   source_name: str = "input") -> list[str]:

@@ -56,10 +56,7 @@ def sample(
             f"prompt of {prompt.size(1)} tokens + max_new_tokens={max_new_tokens} "
             f"exceeds the model's max_len={model.cfg.max_len}"
         )
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(
-            f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
-        )
+    _check(temperature, top_k, top_p)
     tokens = [prompt]
     ended = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)  # (B,)
     for new in _steps(model, prompt, max_new_tokens, temperature, top_k, top_p, generator):  # (B, 1)
@@ -70,6 +67,12 @@ def sample(
         if ended.all():
             break
     return torch.cat(tokens, dim=1)
+
+
+def _check(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """ValueError unless temperature >= 0, top_k >= 1 and 0 < top_p <= 1 (None: not used)."""
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
 
 
 def _steps(model: DecoderOnly, prompt: Tensor, n: int, temperature: float, top_k: int | None, top_p: float | None,
@@ -96,8 +99,7 @@ def stream(model: DecoderOnly, ids: list[int], n_tokens: int, temperature: float
     block = model.cfg.max_len
     if block < 2 and len(ids) + n_tokens > block:
         raise ValueError(f"the model's block of {block} token(s) leaves no room to continue a prompt")
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    _check(temperature, top_k, top_p)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens, remaining = list(ids), n_tokens

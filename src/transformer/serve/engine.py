@@ -92,12 +92,12 @@ class CTranslate2Engine:
     kind = "ctranslate2"
     has_heatmap = False
 
-    def __init__(self, translator: CTranslate2Translator, name: str) -> None:
-        self.translator, self.name = translator, name
+    def __init__(self, translator: CTranslate2Translator, search: SearchConfig, name: str) -> None:
+        self.translator, self.search, self.name = translator, search, name
         self.max_source_tokens = translator.cfg.max_len - 1  # room for EOS
 
     def translate_batch(self, lines: list[str], beam: int, alpha: float) -> list[str]:
-        return self.translator.translate_batch(lines, beam, alpha)
+        return self.translator.translate(lines, replace(self.search, beam=beam, alpha=alpha))
 
     def lengths(self, lines: list[str]) -> list[int]:
         return source_lengths(self.translator.tokenizer, lines)
