@@ -82,6 +82,34 @@ def test_n_best_is_the_beam_ranked_and_its_log_probs_are_scores(translator, mult
         assert log_prob == pytest.approx(translator.score([source], [text])[0], abs=1e-3)
 
 
+def _count_decoded(monkeypatch) -> list[int]:
+    """Spy on our searches: the number of sentences of each batch that `translate` and `n_best` decode."""
+    from transformer.api import text as api_text
+    from transformer.inference import translate as inference
+
+    decoded: list[int] = []
+    greedy_or_beam, beam = inference.translate_batch, api_text.beam_search
+    monkeypatch.setattr(inference, "translate_batch", lambda m, src, cfg: decoded.append(len(src)) or
+                        greedy_or_beam(m, src, cfg))
+    monkeypatch.setattr(api_text, "beam_search", lambda m, src, cfg: decoded.append(len(src)) or beam(m, src, cfg))
+    return decoded
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_empty_and_blank_texts_translate_to_empty_strings_without_decoding(translator, monkeypatch, beam):
+    """Issue #31: the model would invent a sentence for an empty source (the lone EOS)."""
+    texts = ["A dog runs.", "", "  ", "A cat sleeps."]
+    alone = [translator.translate(texts[0], beam=beam), translator.translate(texts[3], beam=beam)]
+    decoded = _count_decoded(monkeypatch)
+    assert translator.translate(texts, beam=beam) == [alone[0], "", "", alone[1]] and all(alone)
+    assert sum(decoded) == 2  # the two sentences, and not the empty ones
+    decoded.clear()
+    assert translator.translate(["", " \t "], beam=beam) == ["", ""] and translator.translate("", beam=beam) == ""
+    assert list(translator.translate_iter(["", " "], batch_size=1, beam=beam)) == ["", ""]
+    assert translator.n_best(" ", n=3) == [("", 0.0)]
+    assert decoded == []
+
+
 def test_attention_gives_the_maps_as_tensors(translator, multi30k_valid_en):
     maps = translator.attention(multi30k_valid_en[0])
     assert maps.translation == translator.translate(multi30k_valid_en[0])

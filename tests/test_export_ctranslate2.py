@@ -252,6 +252,29 @@ def test_translate_and_evaluate_take_the_exported_folder(exported, trained_trans
     assert '"bleu": 100.0' in capsys.readouterr().out
 
 
+def test_empty_and_blank_lines_are_not_decoded_and_translate_to_empty_lines(exported, trained_translation_dir,
+                                                                             multi30k_valid_en, monkeypatch):
+    """Issue #31: through the Python interface and the server's engine, as ours; no empty source reaches
+    CTranslate2."""
+    import transformer
+    from transformer.serve.engine import CTranslate2Engine
+
+    translator, search = CTranslate2Translator(exported, threads=1), SearchConfig(beam=1)
+    lines = [multi30k_valid_en[0], "", "  ", multi30k_valid_en[1]]
+    alone = [translator.translate([line], search)[0] for line in (lines[0], lines[3])]
+    sources, translate_ids = [], translator.translate_ids
+    monkeypatch.setattr(translator, "translate_ids",
+                        lambda ids, *a, **k: sources.extend(ids) or translate_ids(ids, *a, **k))
+    assert translator.translate(lines, search) == [alone[0], "", "", alone[1]] and all(alone)
+    assert sources == translator.tokenizer.encode([lines[0], lines[3]])
+    sources.clear()
+    assert CTranslate2Engine(translator, search, "ct2").translate_batch(["", " "], 1, 0.6) == ["", ""]
+    assert sources == []
+    expected = [alone[0], "", "", alone[1]]
+    assert transformer.load(exported, threads=1).translate(lines, beam=1) == expected
+    assert transformer.load(trained_translation_dir).translate(lines, beam=1) == expected  # ours
+
+
 def test_the_readme_lines_translate_with_ctranslate2_and_sentencepiece_alone(exported, trained, multi30k_valid_en):
     """The five lines of docs/export.md (greedy here, to compare with our greedy)."""
     model_dir = str(exported)

@@ -190,6 +190,21 @@ def test_bad_input_is_one_line_naming_the_file_and_line(tmp_path, capsys):
     assert "--data-bin reads its own files; leave out --data" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["preprocess", "train"])
+def test_invalid_utf8_is_one_clean_line_naming_the_file_and_line(command, tmp_path, capsys):
+    """An invalid byte on line 3 of a training file: exit 2 and exactly one line naming the file and line 3,
+    without the stack of the sentencepiece callback that read it (both commands train a vocabulary on it)."""
+    for split in ("train", "valid"):
+        (tmp_path / f"{split}.en").write_bytes(b"a man\na dog\ntwo dogs \xff run\na cat\n")
+        (tmp_path / f"{split}.de").write_text("ein mann\nein hund\nzwei hunde laufen\neine katze\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main([command, "--data", str(tmp_path), "--out", str(out), "--vocab-size", "40"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"transformer translation {command}: error: {tmp_path / 'train.en'}:3: invalid UTF-8 "
+                   "(byte 0xff at column 10)\n"), err
+    assert "INTERNAL" not in err and "At:" not in err
+
+
 def test_separate_vocabularies_are_written_and_train_says_it_needs_a_joint_one(data, tmp_path, capsys):
     out = tmp_path / "bin"
     preprocess(PreprocessConfig(out=out, train=(data / "train.en", data / "train.de"),

@@ -1,7 +1,9 @@
 """A run directory belongs to one command at a time, and never to someone else's files; over-long pairs are
 skipped and counted; an interrupted run says where --resume continues."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from transformer.cli import main
+from transformer.corpora import tinyshakespeare_path
 from transformer.errors import UserError
 from transformer.training.lock import locked_run
 
@@ -104,3 +107,46 @@ def test_an_interrupted_run_says_where_resume_continues(data, tmp_path):
     line = next(line for line in err.splitlines() if line.startswith("interrupted;"))
     step = int(line.split("continues from step ")[1].split()[0])
     assert (out / "checkpoints" / f"step_{step:08d}").is_dir() and step % 2 == 0
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "input.txt"
+    path.write_text(tinyshakespeare_path().read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    return path
+
+
+def _task_args(task: str, data: Path, text: Path, out: Path, *extra: str) -> list[str]:
+    """A tiny translation run (`_args`) or language-model run (its schedule decays over 6 steps) into `out`,
+    3 steps (a checkpoint at 3) unless `extra` says otherwise."""
+    if task == "translation":
+        return _args(data, out, *extra)
+    return ["lm", "train", "--text", str(text), "--out", str(out), "--preset", "tiny", "--vocab", "char",
+            "--block-size", "32", "--batch-size", "8", "--eval-batches", "2", "--decay-steps", "6", "--log-every", "1",
+            "--valid-every", "3", "--no-progress", "--max-steps", "3", *extra]
+
+
+def _losses(run: Path) -> list[tuple]:
+    """The run's log as (kind, step, loss), in order, for exact comparison."""
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [(r["kind"], r["step"], r["loss"]) for r in records]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("task", ["translation", "lm"])
+def test_a_copied_run_resumes_where_it_is(task, data, text, tmp_path, monkeypatch):
+    """`cp -a runs/r20 runs/r20copy` mid-way, then `train --out /abs/runs/r20copy --resume` from another working
+    directory: the copy resumes as the run it is, and its log is that of an uninterrupted run; the original
+    is left as it was."""
+    monkeypatch.chdir(tmp_path)
+    assert main(_task_args(task, data, text, Path("runs/r20"))) == 0  # recorded with a relative --out
+    shutil.copytree("runs/r20", "runs/r20copy", symlinks=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    copy = tmp_path / "runs" / "r20copy"
+    assert main(_task_args(task, data, text, copy, "--max-steps", "6", "--resume")) == 0
+    assert main(_task_args(task, data, text, tmp_path / "whole", "--max-steps", "6")) == 0
+    assert _losses(copy)[-1][1] == 6 and _losses(copy) == _losses(tmp_path / "whole")
+    assert _losses(tmp_path / "runs" / "r20")[-1][1] == 3  # the original is left as it was
+    assert not list(elsewhere.iterdir())

@@ -5,6 +5,7 @@ worker inside a batch, which lets it fill the queue, pass a deadline, or see tha
 while a batch decodes, without relying on timing.
 """
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -88,6 +89,15 @@ def hold(engine, client, pool, text):
     held = pool.submit(client.post, "/translate", json={"text": text})
     assert engine.entered.wait(10)
     return held
+
+
+def strict_json(response):
+    """The body of `response` as JSON in UTF-8 and nothing else (no NaN or Infinity, which Python would accept)."""
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(response.content.decode("utf-8"), parse_constant=refuse)
 
 
 def metric(client, name, **labels):
@@ -249,6 +259,49 @@ def test_requests_of_the_wrong_shape_answer_422(loaded, body, where):
         assert r.status_code == 422 and r.json()["error"].startswith(where)
 
 
+SURROGATES = [  # valid JSON, but not Unicode text: sentencepiece fails on it
+    ("/translate", b'{"text": "\\ud800"}', "text: the sentence is not Unicode text: a lone surrogate (U+D800) at "
+                                           "character 1"),
+    ("/translate", b'{"text": ["ok", "\\udc00 ok"]}', "text: sentence 2 is not Unicode text: a lone surrogate "
+                                                     "(U+DC00) at character 1"),
+    ("/attention", b'{"text": "a \\udbff"}', "text: the sentence is not Unicode text: a lone surrogate (U+DBFF) at "
+                                            "character 3"),
+]
+
+
+@pytest.mark.parametrize("path, body, words", SURROGATES)
+def test_a_lone_surrogate_answers_422_naming_the_sentence(loaded, path, body, words):
+    engine, client = serving(loaded)
+    with client:
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and strict_json(r)["error"] == words and strict_json(r)["limit"] is None
+        assert strict_json(r)["detail"][0]["loc"] == ["body", "text"]
+        assert client.post(path, json={"text": "a man ."}).status_code == 200
+    assert all("ok" not in batch for batch in engine.batches)
+
+
+@pytest.mark.parametrize("path, body, where", [
+    ("/translate", b'{"text": "a", "alpha": NaN}', "alpha"),
+    ("/translate", b'{"text": "a", "alpha": Infinity}', "alpha"),
+    ("/translate", b'{"text": "a", "beam": -Infinity}', "beam"),
+    ("/translate", b'{"text": "a", "beam": 1e999}', "beam"),  # Python's JSON reads it as inf
+    ("/attention", b'{"text": "a", "beam": NaN}', "beam"),
+    ("/attention", b'{"text": "a", "alpha": -Infinity}', "alpha"),
+])
+def test_numbers_not_finite_answer_422_in_valid_json(loaded, path, body, where):
+    _, client = serving(loaded)
+    with client:
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and strict_json(r)["error"] == f"{where}: Input should be a finite number"
+
+
+def test_the_422_of_a_nan_where_text_belongs_is_valid_json(loaded):
+    _, client = serving(loaded)
+    with client:
+        r = client.post("/translate", content=b'{"text": ["a", NaN]}', headers={"content-type": "application/json"})
+        assert r.status_code == 422 and strict_json(r)["error"].startswith("text")
+
+
 def test_health_says_loading_until_the_warm_up_is_done(loaded):
     engine, client = serving(loaded)
     engine.gate.clear()  # holds the warm-up
@@ -348,6 +401,9 @@ def test_an_exported_ctranslate2_model_is_served(untrained_model_dir, tmp_path):
         assert r.json()["translations"] == translator.translate(LINES, replace(SEARCH, beam=1, alpha=0.6))
         assert client.get("/info").json()["engine"] == "ctranslate2" and not client.get("/info").json()["attention"]
         assert client.post("/attention", json={"text": LINES[0]}).status_code == 501
+        for path, body, words in SURROGATES[:2]:
+            r = client.post(path, content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 422 and strict_json(r)["error"] == words
 
 
 def test_connections_to_the_bound_socket_send_without_delay():
@@ -373,3 +429,27 @@ def test_connections_to_the_bound_socket_send_without_delay():
             return value
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+# ---- empty sentences (issue #31) ---------------------------------------------------------------------------
+
+
+def test_empty_sentences_are_answered_empty_in_their_place_without_decoding(loaded, monkeypatch):
+    """An empty or blank sentence is answered "" (the model would invent a sentence for the lone EOS)."""
+    from transformer.inference import translate as inference
+
+    decoded: list[int] = []  # the sentences of each batch our search decodes
+    search = inference.translate_batch
+    monkeypatch.setattr(inference, "translate_batch",
+                        lambda m, src, cfg: decoded.append(len(src)) or search(m, src, cfg))
+    dog, cat = expected(loaded, [LINES[1]])[0], expected(loaded, [LINES[3]])[0]
+    _, client = serving(loaded)
+    with client:
+        wait_ready(client)
+        decoded.clear()  # the warm-up
+        assert client.post("/translate", json={"text": ""}).json()["translations"] == [""]
+        assert client.post("/translate", json={"text": ["  "]}).json()["translations"] == [""]
+        assert decoded == []
+        r = client.post("/translate", json={"text": [LINES[1], "", LINES[3]]})
+        assert r.status_code == 200 and r.json()["translations"] == [dog, "", cat]
+        assert sum(decoded) == 2

@@ -1,6 +1,9 @@
 """A real `transformer serve` process on 127.0.0.1: concurrent clients get what `transformer translate` gives,
-overload gets fast 503s and leaves the server healthy, and SIGTERM finishes the requests in flight."""
+overload gets fast 503s and leaves the server healthy, a chunked body is held to the size limit, and SIGTERM
+finishes the requests in flight, then exits 0."""
 
+import http.client
+import json
 import subprocess
 import sys
 import threading
@@ -12,6 +15,7 @@ import pytest
 from serve_process import ServeProcess
 
 from transformer.corpora import multi30k_dir
+from transformer.serve.app import ServeConfig
 
 SEARCH = ["--max-len-a", "0", "--max-len-b", "8"]  # an untrained model never stops by itself: keep outputs short
 
@@ -75,7 +79,33 @@ def test_overload_gets_fast_503s_and_the_server_stays_healthy(server, sentences)
     assert httpx.post(f"{url}/translate", json={"text": "A dog runs."}, timeout=30).status_code == 200
 
 
-def test_sigterm_finishes_the_requests_in_flight(server, untrained_model_dir, sentences):
+def post_chunked(url, chunks):
+    """POST /translate with `chunks` as the body, Transfer-Encoding: chunked and no Content-Length: (status, JSON)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", "/translate", body=iter(chunks), encode_chunked=True,
+                     headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        answer = conn.getresponse()
+        return answer.status, json.loads(answer.read())
+    finally:
+        conn.close()
+
+
+def test_a_chunked_body_is_counted_against_the_size_limit(server):
+    url = server("--max-sentences", "1", "--max-chars", "10").url
+    limit = ServeConfig(max_sentences=1, max_chars=10).max_body_bytes
+    padding = [b" " * 1000] * (4 * limit // 1000)  # JSON may end in any whitespace: a valid body 4 times the limit
+    status, body = post_chunked(url, [b'{"text": "a man ."}', *padding])
+    assert status == 413 and body == {"error": f"the body has more than {limit} bytes, over the limit",
+                                      "limit": "max_body_bytes"}
+    status, body = post_chunked(url, [b'{"text": ', b'"a man ."}', *padding[: limit // 2000]])
+    assert status == 200 and len(body["translations"]) == 1
+    metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    assert 'transformer_requests_total{endpoint="/translate",status="413"} 1.0' in metrics
+
+
+def test_sigterm_finishes_the_requests_in_flight_then_exits_0(server, untrained_model_dir, sentences):
     process = server("--max-wait-ms", "1500")  # a request waits 1.5 s for company: SIGTERM comes meanwhile
     lines = sentences[:3]
     with ThreadPoolExecutor(1) as pool:
@@ -89,7 +119,8 @@ def test_sigterm_finishes_the_requests_in_flight(server, untrained_model_dir, se
         process.terminate()
         assert answer.result().status_code == 200
     assert answer.result().json()["translations"] == translate_cli(untrained_model_dir, lines)
-    process.proc.wait(20)
+    assert process.proc.wait(20) == 0, "".join(process.stderr)  # not 143 (-15): uvicorn raises SIGTERM again
+    assert "Traceback" not in "".join(process.stderr)
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{process.url}/health", timeout=2)
 

@@ -1,7 +1,14 @@
-"""Attention maps of one sentence (`transformer attention`), in the spirit of the paper's Figures 3-5."""
+"""Attention maps of one sentence (`transformer attention`), in the spirit of the paper's Figures 3-5; and
+empty input lines through `transformer translate` and `evaluate` (issue #31)."""
+
+import io
+import json
+import sys
 
 import pytest
 import torch
+
+import transformer
 
 from transformer.store.modeldir import save_model_dir
 from transformer.cli import main
@@ -83,3 +90,37 @@ def test_cli_writes_a_heatmap_per_layer_and_kind(model, tokenizer, tmp_path, cap
     # Without --out the pictures go into the model directory.
     assert main(["attention", "--model", str(tmp_path / "model"), "--sentence", "a girl", "--device", "cpu"]) == 0
     assert (tmp_path / "model" / "attention" / "encoder_layer1.png").exists()
+
+
+# ---- empty lines (issue #31): translated to empty lines, not decoded, the line count kept ----
+
+
+def _alone(model_dir, lines: list[str]) -> list[str]:
+    """Greedy translations of `lines`, each translated by itself."""
+    translator = transformer.load(model_dir)
+    return [translator.translate(line, beam=1) for line in lines]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_translate_prints_an_empty_line_for_an_empty_or_blank_line_of_stdin(trained_translation_dir, monkeypatch,
+                                                                             capsys):
+    stdin = "A dog runs.\n\nA cat sleeps.\n \t\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8")), encoding="utf-8"))
+    assert main(["translate", "--model", str(trained_translation_dir), "--beam", "1", "--no-progress"]) == 0
+    dog, cat = _alone(trained_translation_dir, ["A dog runs.", "A cat sleeps."])
+    assert capsys.readouterr().out == f"{dog}\n\n{cat}\n\n" and dog and cat
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_evaluate_scores_an_empty_hypothesis_for_an_empty_input_line(trained_translation_dir, multi30k_valid_en,
+                                                                     tmp_path, capsys):
+    """The references are the translations of the sentences alone and an empty line: BLEU 100 only if the empty
+    input line gave an empty hypothesis (not an invented sentence)."""
+    sentences = multi30k_valid_en[:2]  # long enough for 4-grams
+    (tmp_path / "in.en").write_text(f"{sentences[0]}\n\n{sentences[1]}\n", encoding="utf-8")
+    first, second = _alone(trained_translation_dir, sentences)
+    (tmp_path / "ref.de").write_text(f"{first}\n\n{second}\n", encoding="utf-8")
+    assert main(["evaluate", "--model", str(trained_translation_dir), "--input", str(tmp_path / "in.en"),
+                 "--ref", str(tmp_path / "ref.de"), "--beam", "1", "--json", "--no-progress"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["n"] == 3 and scores["bleu"] == 100.0 and scores["chrf"] == 100.0

@@ -63,8 +63,9 @@ class Translator:
                   source_name: str = "texts") -> str | list[str]:
         """The translation of a str, or the translations of a list of str (in its order). beam 1 is greedy.
 
-        `UserError` for a text too long for the model (``texts:3: ...``: `source_name` and the text's
-        number, from 1) or bad settings. `progress`: a progress bar on stderr (our engine).
+        An empty or whitespace-only text translates to "" without decoding. `UserError` for a text too long
+        for the model (``texts:3: ...``: `source_name` and the text's number, from 1) or bad settings.
+        `progress`: a progress bar on stderr (our engine).
         """
         lines = texts_of(texts)
         search = search_config(beam, alpha, max_len_a, max_len_b, min_len)
@@ -100,10 +101,14 @@ class Translator:
     def n_best(self, text: str, n: int = 4, alpha: float = 0.6, max_len_a: float = 1.0,
                max_len_b: int = 50) -> list[tuple[str, float]]:
         """The `n` best translations of `text` by beam search of beam `n`, best first, each with its
-        log-probability (natural log, end of sentence included); ranked by the length penalty `alpha`."""
+        log-probability (natural log, end of sentence included); ranked by the length penalty `alpha`.
+        An empty or whitespace-only text has the one translation `translate` gives it, without decoding:
+        ``[("", 0.0)]``."""
         self._torch_only("n_best")
         search = replace(search_config(n, alpha, max_len_a, max_len_b, 0), n_best=n)
         ids = self.tokenizer.encode([texts_of(text, "text")[0].strip()])
+        if not ids[0]:
+            return [("", 0.0)]
         src = collate_source(ids, self.config.pad_id, self.config.eos_id).to(next(self._torch.parameters()).device)
         hyps = beam_search(self._decoder, src, search)[0]
         return [(self.tokenizer.decode([h.tokens])[0], h.log_prob) for h in hyps[:n]]

@@ -13,6 +13,7 @@ TRAIN_DEFAULTS = dict(preset="tiny", lr=1e-3, schedule="cosine", warmup=100, bet
 
 
 def _train(args: argparse.Namespace) -> None:
+    flags.needs_images(args)
     from transformer.tasks.caption import CaptionTrainConfig, train_captioner
 
     flags.required(args, "lm")
@@ -35,6 +36,7 @@ def _load(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> None:
+    flags.needs_images(args)
     import torch
 
     from transformer.api.load import load_as
@@ -58,6 +60,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _attention(args: argparse.Namespace) -> None:
+    flags.needs_images(args)  # first: matplotlib, imported below, needs Pillow
     from transformer.images.data import read_images
     from transformer.report.image_attention import caption_attention, plot_image_attention
 

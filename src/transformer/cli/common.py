@@ -1,9 +1,10 @@
 """What every command module of the command line shares: the parser, numbers within a range, checks of
-output paths before the work starts, declaring a command, and saying things."""
+output paths and of the optional extras before the work starts, declaring a command, and saying things."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import re
@@ -144,6 +145,17 @@ def writable_folder(path, flag: str, shown=None) -> None:
     if not p.is_dir():
         raise UserError(f"{flag} {shown}: {p} is not a folder")
     _probe(p, flag, shown)
+
+
+def needs_extra(what: str, extra: str, *modules: str) -> None:
+    """`UserError` unless each of `modules`, of the optional `extra` of pyproject.toml, imports: one line saying
+    that `what` needs the extra and how to install it. A command calls it first, before any work."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise UserError(f"{what} needs the {extra} extra ({module} is not installed): "
+                            f"pip install 'transformer[{extra}]'") from None
 
 
 _LINE_BREAKS = {c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from transformer.cli import flags
-from transformer.cli.common import command, writable_folder
+from transformer.cli.common import command, needs_extra, writable_folder
 from transformer.export import QUANTIZATIONS
 
 
@@ -15,6 +15,8 @@ def _export(args: argparse.Namespace) -> None:
     from transformer.export import export_model
 
     flags.required(args, "model")
+    if args.to == "ctranslate2":
+        needs_extra("--to ctranslate2", "export", "ctranslate2")
     writable_folder(Path(args.out).parent, "--out", shown=args.out)  # before any work
     export_model(Path(args.model), args.to, Path(args.out), args.quantization)
     print(f"exported {args.model} to {args.to} in {args.out}", file=sys.stderr)

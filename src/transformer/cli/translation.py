@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformer.cli import flags, preprocess
 from transformer.cli import serve as serving
-from transformer.cli.common import command, number, say, writable_file, writable_folder
+from transformer.cli.common import command, needs_extra, number, say, writable_file, writable_folder
 from transformer.errors import UserError
 
 # The paper's recipe (section 5).
@@ -96,11 +96,14 @@ def _translate_text(args: argparse.Namespace, lines: list[str], name: str) -> li
 def _serve(args: argparse.Namespace) -> None:
     from transformer.api.load import serving_engine
 
+    needs_extra("serve", "serve", "fastapi", "uvicorn", "prometheus_client")
+    flags.needs_engine(args)
     engine = serving_engine(_translator(args), Path(args.model or "").resolve().name, flags.search_config(args))
     serving.serve(args, engine)
 
 
 def _translate(args: argparse.Namespace) -> None:
+    flags.needs_engine(args)
     if args.output:  # before any work: a translation is never lost to a path it cannot be written to
         writable_file(args.output, "--output")
     lines, name = _read_input(args.input)
@@ -120,6 +123,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from transformer.text.data import read_lines
 
     flags.required(args, "ref")
+    if args.hyp is None:  # it translates
+        flags.needs_engine(args)
     refs = read_lines(args.ref)
     if args.hyp is not None:
         hyps = read_lines(args.hyp)

@@ -16,6 +16,7 @@ TRAIN_DEFAULTS = dict(preset="tiny", lr=1e-3, schedule="cosine", warmup=100, bet
 
 
 def _train(args: argparse.Namespace) -> None:
+    flags.needs_images(args)
     from transformer.tasks.vision import ViTConfig, train_vit
 
     cfg = ViTConfig(loop=flags.loop_config(args), images=Path(args.images) if args.images else None,
@@ -33,6 +34,7 @@ def _load(args: argparse.Namespace):
 
 
 def _predict(args: argparse.Namespace) -> None:
+    flags.needs_images(args)
     from transformer.api.load import load_as
     from transformer.api.vision import ImageClassifier
     from transformer.images.data import read_folder
@@ -53,6 +55,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _attention(args: argparse.Namespace) -> None:
+    flags.needs_images(args)  # first: matplotlib, imported below, needs Pillow
     from transformer.images.data import read_images
     from transformer.report.image_attention import plot_image_attention, vit_attention
 

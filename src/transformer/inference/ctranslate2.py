@@ -18,8 +18,8 @@ our search where CTranslate2 lets it:
   log P = score · n^length_penalty recovers their log-probabilities, and our rule picks among
   them. The result is our beam search (up to float rounding), except when more than `beam`
   hypotheses finish and the one ours picks is not among CTranslate2's `beam` best by its rule;
-- an empty line gives an empty translation: CTranslate2 does not decode an empty source
-  (ours translates the lone EOS).
+- an empty or whitespace-only line gives an empty translation and is not decoded, as with
+  ours: both go through `translate.translate_texts`.
 
 int8 on the CPU. CTranslate2's x86 wheels carry two int8 matrix products and pick Intel MKL's
 on Intel CPUs, oneDNN's on the others (its `src/cpu/backend.cc`; CT2_USE_MKL overrides, read
@@ -49,7 +49,7 @@ from transformer.config import ModelConfig
 from transformer.device import cpu_flags
 from transformer.errors import UserError
 from transformer.inference.search import SearchConfig, length_penalty
-from transformer.inference.translate import check_lengths
+from transformer.inference.translate import check_lengths, translate_texts
 from transformer.store.kinds import (
     CT2_CONFIG,
     CT2_MODEL,
@@ -155,13 +155,10 @@ class CTranslate2Translator:
                   source_name: str = "input") -> list[str]:
         """Translations of `lines` with `search`, at most `batch_size` sentences per CTranslate2 batch.
 
-        An empty line gives an empty translation (CTranslate2 does not decode an empty source).
+        An empty or whitespace-only line gives "" without being decoded (`translate_texts`, as ours).
         """
-        if not lines:
-            return []
-        ids = self.tokenizer.encode([line.strip() for line in lines])
-        check_lengths(self, ids, source_name)  # reads self.cfg.max_len
-        return self.tokenizer.decode(self.translate_ids(ids, search, batch_size))
+        return translate_texts(self, self.tokenizer, lines, lambda ids: self.translate_ids(ids, search, batch_size),
+                               source_name)
 
     def score(self, sources: list[str], targets: list[str], batch_size: int = 64) -> list[float]:
         """log P(target + EOS | source) of each pair, in nats (CTranslate2's `score_batch`, summed)."""

@@ -1,17 +1,48 @@
-"""Text in, text out: tokenize, batch by length, search, detokenize, restore the input order."""
+"""Text in, text out: tokenize, skip empty lines, batch by length, search, detokenize, restore the input order."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from tqdm import tqdm
 
+from transformer.config import ModelConfig
 from transformer.errors import UserError
 from transformer.inference.search import SearchConfig, translate_batch
 from transformer.model.models import EncoderDecoder
 from transformer.text.data import collate_source, pad
 from transformer.text.tokenizer import Tokenizer
+
+# Sources (token ids without EOS) -> their translations (ids without BOS/EOS), in the same order.
+DecodeIds = Callable[[list[list[int]]], list[list[int]]]
+
+
+class Configured(Protocol):
+    """A translation model as the length checks see it: `EncoderDecoder`, `DecodingModel`, `CTranslate2Translator`."""
+
+    cfg: ModelConfig  # only max_len is read
+
+
+def translate_texts(model: Configured, tokenizer: Tokenizer, lines: Sequence[str], decode: DecodeIds,
+                    source_name: str = "input") -> list[str]:
+    """Translations of `lines`, in their order, by `decode`: the one path of every engine from text to text.
+
+    Each line is stripped and tokenized, and checked against the model's length (`check_lengths`). A line
+    with no tokens (empty, whitespace-only, or all dropped by the tokenizer's normalization) is left out of
+    what `decode` gets and translates to "": it is never decoded (the model would invent a sentence for the
+    lone EOS), and the output has as many lines as the input.
+    """
+    if not lines:
+        return []  # sentencepiece decodes an empty batch to one ""
+    ids = tokenizer.encode([line.strip() for line in lines])
+    check_lengths(model, ids, source_name)
+    kept = [i for i, sentence in enumerate(ids) if sentence]
+    out: list[list[int]] = [[] for _ in ids]
+    if kept:
+        for i, hyp in zip(kept, decode([ids[i] for i in kept])):
+            out[i] = hyp
+    return tokenizer.decode(out)
 
 
 def translate_lines(
@@ -23,27 +54,35 @@ def translate_lines(
     progress: bool = False,
     source_name: str = "input",
 ) -> list[str]:
-    """Translate `lines` and return detokenized translations in input order.
+    """Translate `lines` with our search and return detokenized translations in input order.
 
-    Sentences are sorted by length so that a batch holds similar lengths (little
-    padding), decoded `batch_size` at a time, and put back in their original order.
+    An empty or whitespace-only line gives "" without being decoded (`translate_texts`).
+    """
+    return translate_texts(model, tokenizer, lines, lambda ids: _search_ids(model, ids, search, batch_size, progress),
+                           source_name)
+
+
+def _search_ids(model: EncoderDecoder, ids: list[list[int]], search: SearchConfig, batch_size: int = 64,
+                progress: bool = False) -> list[list[int]]:
+    """Translations (ids without BOS/EOS) of the sources `ids` (without EOS), in their order.
+
+    Sentences are sorted by length so that a batch holds similar lengths (little padding), decoded
+    `batch_size` at a time (src (B, S) right-padded, EOS appended), and put back in their original order.
     """
     device = next(model.parameters()).device
-    ids = tokenizer.encode([line.strip() for line in lines])
-    check_lengths(model, ids, source_name)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[list[int]] = [[] for _ in ids]
     with tqdm(total=len(ids), unit="sent", disable=not progress, leave=False) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            src = collate_source([ids[i] for i in chunk], model.cfg.pad_id, model.cfg.eos_id).to(device)
+            src = collate_source([ids[i] for i in chunk], model.cfg.pad_id, model.cfg.eos_id).to(device)  # (B, S)
             for i, hyp in zip(chunk, translate_batch(model, src, search)):
                 out[i] = hyp
             bar.update(len(chunk))
-    return tokenizer.decode(out)
+    return out
 
 
-def check_lengths(model: EncoderDecoder, ids: list[list[int]], source_name: str) -> None:
+def check_lengths(model: Configured, ids: list[list[int]], source_name: str) -> None:
     """`UserError` naming the line of the first source sentence too long for the model."""
     limit = model.cfg.max_len - 1  # room for EOS
     for i, sentence in enumerate(ids):

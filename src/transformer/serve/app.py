@@ -11,9 +11,10 @@ Endpoints (the OpenAPI schema is at ``/docs`` and ``/openapi.json``):
 - ``GET /``: the page (type, press Translate, read).
 
 Every error is JSON ``{"error": message, "limit": name or null}``: 400 the body is not JSON in UTF-8;
-413 a limit on size (``max_sentences``, ``max_chars``, ``max_body_bytes``, ``model_max_tokens``);
-422 a request of the wrong shape; 503 with ``Retry-After`` when ``max_queue`` requests are already
-waiting, at once; 504 when ``timeout_s`` passes first; 500 if decoding fails (the worker goes on).
+413 a limit on size (``max_sentences``, ``max_chars``, ``max_body_bytes``: a chunked body is counted as it
+arrives, ``model_max_tokens``); 422 a request of the wrong shape (a number not finite, a lone surrogate);
+503 with ``Retry-After`` when ``max_queue`` requests are already waiting, at once; 504 when ``timeout_s``
+passes first; 500 if decoding fails (the worker goes on).
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from transformer.errors import UserError
 from transformer.serve.batcher import BatchConfig, Batcher, DeadlineExceeded, DecodingFailed, QueueFull
@@ -55,10 +59,23 @@ class ServeConfig:
         return self.max_sentences * (12 * self.max_chars + 8) + 4096
 
 
+def _unicode(text: str | list[str]) -> str | list[str]:
+    """`text`, if every sentence is Unicode text: JSON can carry lone surrogates ("\\ud800"), which are not."""
+    for i, line in enumerate([text] if isinstance(text, str) else text, start=1):
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError as e:
+            which = "the sentence" if isinstance(text, str) else f"sentence {i}"
+            raise PydanticCustomError("unicode", f"{which} is not Unicode text: a lone surrogate "
+                                                 f"(U+{ord(line[e.start]):04X}) at character {e.start + 1}") from None
+    return text
+
+
 class TranslateRequest(BaseModel):
-    text: str | list[str] = Field(description="one sentence, or a list of sentences")
+    text: Annotated[str | list[str], AfterValidator(_unicode)] = Field(
+        description="one sentence, or a list of sentences")
     beam: int | None = Field(None, ge=1, le=MAX_BEAM, description="beam size, 1 = greedy (default: the server's)")
-    alpha: float | None = Field(None, ge=0, le=10, description="length penalty ((5+|Y|)/6)^alpha")
+    alpha: float | None = Field(None, ge=0, le=10, allow_inf_nan=False, description="length penalty ((5+|Y|)/6)^alpha")
 
 
 class TranslateResponse(BaseModel):
@@ -68,9 +85,9 @@ class TranslateResponse(BaseModel):
 
 
 class AttentionRequest(BaseModel):
-    text: str = Field(description="one sentence")
+    text: Annotated[str, AfterValidator(_unicode)] = Field(description="one sentence")
     beam: int | None = Field(None, ge=1, le=MAX_BEAM)
-    alpha: float | None = Field(None, ge=0, le=10)
+    alpha: float | None = Field(None, ge=0, le=10, allow_inf_nan=False)
 
 
 class AttentionResponse(BaseModel):
@@ -116,6 +133,42 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, limit: str | None = None, headers: dict | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.limit, self.headers = status, message, limit, headers
+
+
+class BodyTooLarge(HTTPException):
+    """A body over `max_body_bytes`: an HTTPException, as FastAPI re-raises those from reading a body (not 400)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message)
+
+
+class BodyLimit:
+    """ASGI middleware: `BodyTooLarge` from reading a body of more than `limit` bytes, whatever its framing.
+
+    A Content-Length over the limit is refused before a byte is read; other bodies (chunked ones
+    declare no length) are counted as they arrive, and reading stops at the chunk that goes over.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            if declared.isdigit() and int(declared) > self.limit:
+                raise BodyTooLarge(f"the body has {int(declared)} bytes, over the limit of {self.limit}")
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLarge(f"the body has more than {self.limit} bytes, over the limit")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 ERRORS = {code: {"model": ErrorBody} for code in (400, 413, 422, 500, 503, 504)}
@@ -225,11 +278,15 @@ async def _queued(work, timeout_s: float):
 
 
 def _install_handlers(app: FastAPI, cfg: ServeConfig, metrics: Metrics) -> None:
-    """Errors as JSON `ErrorBody`; metrics of every request; bodies over `max_body_bytes` refused unread."""
+    """Errors as JSON `ErrorBody`; metrics of every request; bodies over `max_body_bytes` refused (`BodyLimit`)."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
         return JSONResponse({"error": e.message, "limit": e.limit}, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request: Request, e: BodyTooLarge) -> JSONResponse:
+        return JSONResponse({"error": e.detail, "limit": "max_body_bytes"}, status_code=413)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -238,24 +295,23 @@ def _install_handlers(app: FastAPI, cfg: ServeConfig, metrics: Metrics) -> None:
             ctx = errors[0].get("ctx", {}).get("error", "no body")
             return JSONResponse({"error": f"the body is not valid JSON ({ctx})", "limit": None}, status_code=400)
         where = ".".join(str(part) for part in errors[0]["loc"][1:])
+        # without the inputs: JSON cannot hold some of them (NaN, a lone surrogate)
+        detail = [{key: value for key, value in err.items() if key != "input"} for err in errors]
         return JSONResponse({"error": f"{where}: {errors[0]['msg']}", "limit": None,
-                             "detail": jsonable_encoder(errors)}, status_code=422)
+                             "detail": jsonable_encoder(detail)}, status_code=422)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         message = "the body is not valid JSON in UTF-8" if e.status_code == 400 else str(e.detail)
         return JSONResponse({"error": message, "limit": None}, status_code=e.status_code, headers=e.headers)
 
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)  # added before `count`, so inside it: 413s are counted
+
     @app.middleware("http")
     async def count(request: Request, call_next):
         start = time.perf_counter()
         endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
-        size = request.headers.get("content-length", "0")
-        if size.isdigit() and int(size) > cfg.max_body_bytes:
-            response = JSONResponse({"error": f"the body has {size} bytes, over the limit of {cfg.max_body_bytes}",
-                                     "limit": "max_body_bytes"}, status_code=413)
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
         return response

@@ -2,11 +2,13 @@
 
 On SIGTERM (or ^C) uvicorn stops accepting connections, waits for the requests in flight
 to be answered (each has its deadline), then runs the app's shutdown, which ends the
-model worker.
+model worker. After SIGTERM `run` then returns (the process exits 0); after ^C it raises
+KeyboardInterrupt (130).
 """
 
 from __future__ import annotations
 
+import signal
 import socket
 
 import uvicorn
@@ -35,6 +37,12 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run(app: FastAPI, sock: socket.socket) -> None:
-    """Serve `app` on `sock` until SIGTERM or ^C, finishing the requests in flight."""
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-    uvicorn.Server(config).run(sockets=[sock])
+    """Serve `app` on `sock` until SIGTERM or ^C, finishing the requests in flight (from the main thread)."""
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    # uvicorn handles SIGTERM while it serves, then raises it again to the handler it found, whose default ends the
+    # process (status 143) after a clean drain; this one stops the server, even before uvicorn listens for signals
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: setattr(server, "should_exit", True))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -64,9 +64,10 @@ class Tokenizer:
         ) if verbatim else {}
         model = io.BytesIO()
         spm.set_random_generator_seed(0)
+        failed: list[Exception] = []
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(sentences),
+                sentence_iterator=_kept(sentences, failed),
                 model_writer=model,
                 vocab_size=vocab_size,
                 model_type=model_type,
@@ -84,6 +85,8 @@ class Tokenizer:
                 **text_options,
             )
         except RuntimeError as e:
+            if failed:  # what reading `sentences` raised, which sentencepiece wraps in its own error
+                raise failed[0] from None
             raise UserError(_training_problem(str(e), vocab_size)) from None
         return cls.from_bytes(model.getvalue())
 
@@ -153,6 +156,15 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids, special tokens included."""
         return self._sp.get_piece_size()
+
+
+def _kept(sentences: Iterable[str], failed: list[Exception]) -> Iterator[str]:
+    """`sentences`, with an exception raised while reading them put in `failed` as well as raised."""
+    try:
+        yield from sentences
+    except Exception as e:
+        failed.append(e)
+        raise
 
 
 def _training_problem(message: str, vocab_size: int) -> str:

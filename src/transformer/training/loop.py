@@ -67,8 +67,8 @@ class LoopConfig:
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: paths as strings, the optimiser as a nested dict."""
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+        """JSON-ready, the optimiser as a nested dict; without `out`: where a run lives is no part of what it is."""
+        return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k != "out"}, default=str))
 
 
 @dataclass(frozen=True)
