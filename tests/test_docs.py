@@ -80,7 +80,7 @@ PLAIN = {"echo", "printf", "cat", "head", "ls", "mkdir", "cp", "python -c"}
 SKIPPED: list[tuple[str, str]] = [
     ("pip install", "installs packages: CI installs the same extras itself (.ci/run: pip install -e \".[test]\")"),
     ("transformer quickstart", ("trains for 10 minutes, then beam-searches all 1,000 sentences of test2016 with a "
-                                "7.6M-parameter model; tests/test_recipe.py checks that it runs the small-data recipe")),
+                                "7.6M-parameter model; tests/test_recipe.py checks that it runs its recipe")),
     ("transformer serve", ("serves until stopped; tests/test_serve_process.py runs real server processes on "
                            "127.0.0.1, tests/test_serve.py the endpoints")),
     ("curl", "asks a running `transformer serve` (see transformer serve)"),

@@ -1,5 +1,5 @@
 """Named recipes (`transformer train --recipe small-data`): their values under a --config file's and the command
-line's, and the quick start trained with the same recipe."""
+line's, and the quick start trained with its own."""
 
 from pathlib import Path
 
@@ -44,8 +44,9 @@ def test_an_unknown_recipe_is_one_line(capsys) -> None:
     assert len(err) == 1 and "--recipe" in err[0] and "small-data" in err[0]
 
 
-def test_the_quick_start_trains_the_recipe(tmp_path, monkeypatch) -> None:
-    """The quick start is `train --recipe small-data` with its own time budget (stopped before training)."""
+def test_the_quick_start_trains_its_recipe(tmp_path, monkeypatch) -> None:
+    """The quick start is `train --recipe quickstart` (small-data with dropout 0.1 and 400 warm-up updates)
+    with its own time budget (stopped before training)."""
     seen = {}
 
     class Stop(Exception):
@@ -58,10 +59,13 @@ def test_the_quick_start_trains_the_recipe(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(translation, "train", fake_train)
     with pytest.raises(Stop):
         main(["translation", "quickstart", "--out", str(tmp_path / "q"), "--minutes", "3"])
-    recipe = parse([*BASE, "--recipe", "small-data"])
-    assert seen["model"] == flags.model_config(recipe)
+    recipe = parse([*BASE, "--recipe", "quickstart"])
+    assert seen["model"] == flags.model_config(recipe) and seen["model"].dropout == 0.1
     cfg, loop = seen["cfg"], seen["cfg"].loop
-    assert loop.max_minutes == 3 and loop.out == Path(tmp_path / "q")
+    assert loop.max_minutes == 3 and loop.out == Path(tmp_path / "q") and loop.optim.warmup == 400
+    quick = RECIPES["quickstart"]
     assert (cfg.vocab_size, cfg.max_tokens, loop.optim, loop.valid_every) == (
-        RECIPES["small-data"]["vocab_size"], RECIPES["small-data"]["max_tokens"], _train_config(recipe).loop.optim,
-        RECIPES["small-data"]["valid_every"])
+        quick["vocab_size"], quick["max_tokens"], _train_config(recipe).loop.optim, quick["valid_every"])
+    # the hour's recipe but for what 10 minutes change
+    assert {k: v for k, v in quick.items() if RECIPES["small-data"][k] != v}.keys() == {
+        "dropout", "warmup", "max_minutes", "keep_last"}

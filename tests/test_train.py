@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -332,3 +333,26 @@ def test_native_bf16_on_a_cpu_needs_the_avx512_bf16_or_amx_flag_not_just_avx512(
                           ({"avx512_bf16": False, "amx_bf16": True}, True)):
         monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda flags=flags: flags)
         assert train_module.native_bf16(cpu) is native, flags
+
+
+def test_a_time_limited_run_counts_its_progress_bar_to_the_steps_that_fit(data, tmp_path, capsys):
+    """With --max-minutes ending the run first, the bar's total is the steps that fit, not --max-steps."""
+    out = tmp_path / "run"
+    args = [a for a in _train_args(data, out, "--max-steps", "100000", "--max-minutes", "0.04") if a != "--no-progress"]
+    assert main(args) == 0
+    bars = re.findall(r"(\d+)/(\d+) \[", capsys.readouterr().err)
+    done, total = map(int, bars[-1])
+    steps = max(_losses(out))
+    assert steps < 100000 and done == steps and total == steps
+    assert all(int(t) < 100000 for _, t in bars[1:])  # estimated from the first step on
+
+
+def test_a_busy_cpu_is_named_once_and_a_quiet_one_not(data, tmp_path, capsys, monkeypatch):
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * cores, 4.0 * cores, 4.0 * cores))
+    assert main(_train_args(data, tmp_path / "busy", "--max-steps", "6")) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"warning: this machine is busy: load average {4.0 * cores:.1f} on {cores} cores") == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert main(_train_args(data, tmp_path / "quiet", "--max-steps", "6")) == 0
+    assert "busy" not in capsys.readouterr().err

@@ -15,10 +15,20 @@ names are imported when first used, so that ``import transformer`` (and the comm
 
 from __future__ import annotations
 
+import os
 from importlib import import_module
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# oneDNN, which computes PyTorch's bf16 matrix products on CPUs with AVX-512-BF16 or AMX, keeps
+# every primitive it compiles, one for each shape, up to 1,024 of them by default: with the many
+# batch shapes of real data that cache grows by gigabytes (PyTorch issues 27971 and 98688). One
+# training step of `small` multiplies matrices of 20 distinct shapes (benchmarks/memory.py), so 256
+# keeps a step's own and some steps' more. oneDNN reads it when it makes its first primitive, so
+# this holds unless the program ran oneDNN before importing transformer; a value set by the user wins.
+ONEDNN_CACHE = 256
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE))
 
 # public name -> the module that defines it
 _PUBLIC = {

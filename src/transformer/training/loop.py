@@ -43,7 +43,7 @@ from transformer.store import modeldir
 from transformer import files
 from transformer.training import distributed
 from transformer.training.optim import OptimConfig, make_optimizer
-from transformer.device import resolve_precision
+from transformer.device import cpu_contention, release_free_memory, resolve_precision
 
 LOG = "log.jsonl"
 
@@ -332,17 +332,19 @@ class Trainer:
             self.restore_best()
             ckpt.prune_checkpoints(out, self.cfg.keep_last)  # a run killed before its last prune
         self.model.train()
+        release_free_memory()  # what building the vocabulary and reading the data freed
         run_start = time.perf_counter() - self.elapsed  # wall-clock, validation included, across resumes
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", disable=not (cfg.progress and world.main),
                    dynamic_ncols=True)
         validated = self.step if ckpt.list_checkpoints(out) else None
-        tokens, seconds = 0, 0.0
+        tokens, seconds, first, busy = 0, 0.0, (self.step, self.elapsed), False
         while not self.done():
             t0 = time.perf_counter()
             loss_total, n, lr = self.step_once()
             now = time.perf_counter()
             self.elapsed = self._agreed_clock(now - run_start)
             tokens, seconds = tokens + n, seconds + (now - t0)
+            bar.total = self.expected_steps(*first)
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == 1:
                 if world.main:
@@ -350,13 +352,34 @@ class Trainer:
                     self.log({"kind": "train", "step": self.step, "loss": loss, "lr": lr,
                               "tokens_per_s": round(tokens / seconds, 1), "elapsed_s": round(self.elapsed, 1)})
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+                    busy = busy or self._warn_if_busy()
                 tokens, seconds = 0, 0.0
             if self.step % cfg.valid_every == 0:
                 self.validate_and_checkpoint()
+                release_free_memory()  # what validation's decoding freed
                 validated = self.step
         bar.close()
         if validated != self.step:
             self.validate_and_checkpoint()
+
+    def expected_steps(self, start_step: int, start_elapsed: float) -> int | None:
+        """The step this run will end at: `max_steps`, or sooner the steps that fit in `max_minutes` at the pace
+        since (start_step, start_elapsed), validations included; None if neither bounds it."""
+        cfg, done = self.cfg, self.step - start_step
+        if cfg.max_minutes is None or done == 0:
+            return cfg.max_steps
+        pace = (self.elapsed - start_elapsed) / done  # seconds a step
+        fit = self.step + max(0, int((60 * cfg.max_minutes - self.elapsed) / pace)) if pace > 0 else self.step
+        return fit if cfg.max_steps is None else min(fit, cfg.max_steps)
+
+    def _warn_if_busy(self) -> bool:
+        """Say once why steps are slow when other processes oversubscribe a CPU; whether it said so."""
+        if self.device.type != "cpu" or self.step < self.cfg.log_every:  # the 1-minute load lags at the start
+            return False
+        why = cpu_contention(torch.get_num_threads())
+        if why is not None:
+            self.say(f"warning: {why}")
+        return why is not None
 
     def _agreed_clock(self, elapsed: float) -> float:
         """The run's wall-clock time; under torchrun with `max_minutes`, process 0's, so that all stop together."""
