@@ -74,6 +74,6 @@ def test_training_releases_the_heap_at_the_start_and_after_each_validation(tmp_p
             lines = (source / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()[:n]
             (tmp_path / f"{split}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", "tiny",
-                 "--vocab-size", "300", "--max-tokens", "400", "--max-steps", "8", "--valid-every", "4",
+                 "--vocab-size", "500", "--max-tokens", "400", "--max-steps", "8", "--valid-every", "4",
                  "--no-progress"]) == 0
     assert len(calls) == 3  # the start, steps 4 and 8
