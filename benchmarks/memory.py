@@ -23,6 +23,7 @@ Usage:
   python benchmarks/memory.py --preset small --precision fp32 --steps 1000
   python benchmarks/memory.py --preset small --steps 1000 --side-by-side
   python benchmarks/memory.py --breakdown small base
+  python benchmarks/memory.py --shapes   # distinct batch shapes of Multi30k, lengths as they are or rounded to 8
 """
 
 from __future__ import annotations
@@ -162,6 +163,32 @@ def breakdown(name: str) -> dict:
             "resident_between_steps_mb": resting, "matmul_shapes_per_step": len(shapes.seen)}
 
 
+def batch_shapes(data: Path, epochs: int = 3) -> list[dict]:
+    """Distinct (B, S, T) batch shapes over `epochs` epochs of the recipe's batches, and one epoch's padded
+    positions (B·S + B·T), with lengths as they are and rounded up to multiples of 8 (the same batches)."""
+    import numpy as np
+
+    from transformer.text.data import TokenBatchSampler, read_lines
+    from transformer.text.tokenizer import Tokenizer
+
+    src, tgt = read_lines(data / "train.en"), read_lines(data / "train.de")
+    tokenizer = Tokenizer.train((s for pair in zip(src, tgt) for s in pair), 8000)
+    sampler = TokenBatchSampler([len(x) for x in tokenizer.encode(src)], [len(y) for y in tokenizer.encode(tgt)],
+                                2048, seed=1)
+    rows = []
+    for rounding in (1, 8):
+        def padded(lengths: np.ndarray) -> int:  # the batch's longest + EOS/BOS, rounded up
+            return -(-(int(lengths.max()) + 1) // rounding) * rounding
+
+        shapes = {(len(b), padded(sampler.src_lens[b]), padded(sampler.tgt_lens[b]))
+                  for epoch in range(epochs) for b in sampler.arrays(epoch)}
+        positions = sum(batch * (s + t) for batch, s, t in
+                        ((len(b), padded(sampler.src_lens[b]), padded(sampler.tgt_lens[b])) for b in sampler.arrays(0)))
+        rows.append({"round_to": rounding, "distinct_shapes": len(shapes), "epochs": epochs,
+                     "padded_positions_epoch_0": positions})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
@@ -170,8 +197,13 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=MULTI30K)
     p.add_argument("--side-by-side", action="store_true", help="en-de and de-en at once, one thread each")
     p.add_argument("--breakdown", nargs="*", help="presets whose memory to break down (instead of training)")
+    p.add_argument("--shapes", action="store_true", help="count Multi30k's distinct batch shapes (instead of training)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.shapes:
+        for row in batch_shapes(args.data):
+            print(json.dumps(row))
+        return
     if args.child:
         print(json.dumps(breakdown(args.child)))
         return

@@ -89,7 +89,7 @@ def release_free_memory() -> None:
     steps, a small model's training process held about 300 MB more than its live tensors
     (2-core AMD EPYC, fp32), and a validation's decoding leaves tensors of many more shapes.
     Trimming costs a pass over the heap, so it is for the moments between phases, not every
-    step (after each step it made training 29% slower; BENCHMARKS.md, "Training memory").
+    step (after each step it made training 29% slower in a one-off run; BENCHMARKS.md, "Training memory").
     """
     try:
         ctypes.CDLL(None).malloc_trim(0)

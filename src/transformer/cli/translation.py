@@ -26,7 +26,7 @@ RECIPES = {
     "small-data": dict(preset="small", vocab_size=8000, dropout=0.2, max_tokens=2048, warmup=800, lr_scale=0.7,
                        max_steps=5500, max_minutes=60.0, valid_every=250, keep_last=10),
 }
-# "quickstart": `transformer quickstart`'s 10 minutes, about 500 updates on a 2-core AVX2 CPU, where the hour's
+# "quickstart": `transformer quickstart`'s 10 minutes, about 600 updates on a 2-core AVX2 CPU, where the hour's
 # dropout 0.2 and 800 warm-up updates (the peak learning rate only at update 800) learn too slowly. Chosen on
 # Multi30k's validation set at update 500 (300 lines, AMD EPYC, fp32; docs/getting-started.md): BLEU 21.05 with
 # dropout 0.1 and 400 warm-up updates, 15.67 with small-data's settings, 9.72 with dropout 0.1 and 200.
