@@ -50,8 +50,9 @@ def hand_count(name: str, vocab: int | None = None, tied: bool = True) -> dict[s
         counts["decoder"] = n_dec * dec_layer
         if not tied:
             counts["out_proj"] = v * d
-    else:  # BERT-style: learned positions, MLM head (dense d×d + bias, LayerNorm), output bias
-        counts["embeddings"] = v * d + BERT_MAX_LEN * d
+    else:  # BERT: learned positions, two segments, LayerNorm on the embeddings, MLM head (dense d×d + bias,
+        # LayerNorm), output bias
+        counts["embeddings"] = v * d + BERT_MAX_LEN * d + 2 * d + norm
         counts["encoder"] = n_enc * enc_layer
         counts["head"] = d * d + d + norm
         counts["out_bias"] = v

@@ -16,6 +16,8 @@ from typing import Any, Literal
 from .errors import UserError
 
 Arch = Literal["encoder-decoder", "encoder", "decoder"]
+Activation = Literal["relu", "gelu", "gelu_tanh", "swish"]
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swish")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,14 @@ class ModelConfig:
     tie_embeddings: bool = True  # share source, target embedding and output projection
     attn_window: int | None = None  # restricted self-attention radius r (Table 1); None = full
     layer_norm_eps: float = 1e-5  # not given in the paper; PyTorch's default
+    # The options below are for the family built on the paper's blocks (imported checkpoints: `pretrained`);
+    # each default is the paper's, so a model trained here is unchanged by them.
+    activation: Activation = "relu"  # the FFN's: relu (paper), gelu (BERT, ViT), gelu_tanh (GPT-2), swish (OPUS-MT)
+    scale_embedding: bool = True  # token embeddings × sqrt(d_model) (section 3.4); BERT and GPT-2 do not scale
+    n_segments: int = 0  # BERT's segment (token-type) embeddings added to the input; 0 = none (paper)
+    embed_norm: bool = False  # a LayerNorm on the summed embeddings, before dropout (BERT)
+    logits_bias: bool = False  # a bias on the output projection (Marian's final_logits_bias); the MLM head has one
+    next_sentence: bool = False  # BERT's pooler (dense, tanh on [CLS]) and next-sentence classifier (encoder only)
     pad_id: int = 0  # the special ids of every tokenizer here (text.tokenizer.Tokenizer)
     bos_id: int = 2
     eos_id: int = 3
@@ -89,6 +99,12 @@ _FIELD_RULES: dict[str, tuple] = {
     "tie_embeddings": ("bool", None, None),
     "attn_window": ("int?", (0, True), None),
     "layer_norm_eps": ("float", (0, False), None),
+    "activation": (ACTIVATIONS, None, None),
+    "scale_embedding": ("bool", None, None),
+    "n_segments": ("int", (0, True), None),
+    "embed_norm": ("bool", None, None),
+    "logits_bias": ("bool", None, None),
+    "next_sentence": ("bool", None, None),
     "pad_id": ("int", (0, True), None),
     "bos_id": ("int", (0, True), None),
     "eos_id": ("int", (0, True), None),
@@ -135,10 +151,18 @@ PRESETS: dict[str, ModelConfig] = {
     "base": ModelConfig(),
     # The paper's big model (Table 3, last row): P_drop 0.3 as for EN-DE.
     "big": ModelConfig(d_model=1024, n_heads=16, d_ff=4096, dropout=0.3),
-    # BERT-base shape (Devlin et al., 2019): 12 layers, 768 wide, 12 heads, encoder-only.
+    # BERT-base (Devlin et al., 2019): 12 layers, 768 wide, 12 heads, encoder-only; GELU, learned positions,
+    # two segments, LayerNorm on the embeddings (eps 1e-12), unscaled embeddings: a BERT checkpoint's options.
     "bert-base": ModelConfig(
         arch="encoder", vocab_size=30522, d_model=768, n_heads=12, d_ff=3072,
         n_encoder_layers=12, n_decoder_layers=0, max_len=512, positions="learned",
+        activation="gelu", scale_embedding=False, n_segments=2, embed_norm=True, layer_norm_eps=1e-12,
+    ),
+    # GPT-2 small (Radford et al., 2019): pre-norm with a final LayerNorm, learned positions, GELU (tanh form).
+    "gpt2": ModelConfig(
+        arch="decoder", vocab_size=50257, d_model=768, n_heads=12, d_ff=3072, n_encoder_layers=0,
+        n_decoder_layers=12, norm_first=True, positions="learned", activation="gelu_tanh", scale_embedding=False,
+        pad_id=50256, bos_id=50256, eos_id=50256,
     ),
 }
 
@@ -164,7 +188,8 @@ class VisionConfig:
     d_ff: int = 3072
     n_layers: int = 12
     dropout: float = 0.1
-    norm_first: bool = True  # ViT's blocks are pre-norm; the FFN is the paper's ReLU one, not ViT's GELU MLP
+    norm_first: bool = True  # ViT's blocks are pre-norm
+    activation: Activation = "relu"  # the FFN's; the paper's ReLU by default, ViT's MLP is "gelu"
     pool: Literal["cls", "mean"] = "cls"  # the [CLS] token's output, or the mean of the patches' outputs
     positions: Literal["learned", "sinusoidal"] = "learned"  # "sinusoidal": 2-D, half the width for each axis
     n_classes: int = 1000
@@ -194,7 +219,8 @@ class VisionConfig:
         """The shape of the encoder layers (a text model's config without a vocabulary)."""
         return ModelConfig(arch="encoder", vocab_size=1, d_model=self.d_model, n_heads=self.n_heads, d_ff=self.d_ff,
                            n_encoder_layers=self.n_layers, n_decoder_layers=0, dropout=self.dropout,
-                           norm_first=self.norm_first, layer_norm_eps=self.layer_norm_eps, pad_id=0, bos_id=0, eos_id=0)
+                           norm_first=self.norm_first, layer_norm_eps=self.layer_norm_eps, activation=self.activation,
+                           pad_id=0, bos_id=0, eos_id=0)
 
     def replace(self, **changes: Any) -> "VisionConfig":
         return dataclasses.replace(self, **changes)
@@ -219,6 +245,7 @@ _VISION_RULES: dict[str, tuple] = {
     "n_layers": ("int", (0, True), None),
     "dropout": ("float", (0, True), (1, False)),
     "norm_first": ("bool", None, None),
+    "activation": (ACTIVATIONS, None, None),
     "pool": (("cls", "mean"), None, None),
     "positions": (("learned", "sinusoidal"), None, None),
     "n_classes": ("int", (1, True), None),
@@ -307,8 +334,8 @@ VISION_PRESETS: dict[str, VisionConfig] = {
     # For tests: an 8×8 digit in 4 patches of 4×4.
     "tiny": VisionConfig(image_height=8, image_width=8, channels=1, patch_size=4, d_model=32, n_heads=2, d_ff=64,
                          n_layers=2, n_classes=10),
-    # ViT-B/16 (Table 1).
-    "base": VisionConfig(),
+    # ViT-B/16 (Table 1), with ViT's GELU MLP.
+    "base": VisionConfig(activation="gelu"),
 }
 
 

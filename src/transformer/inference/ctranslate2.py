@@ -162,7 +162,7 @@ class CTranslate2Translator:
 
     def score(self, sources: list[str], targets: list[str], batch_size: int = 64) -> list[float]:
         """log P(target + EOS | source) of each pair, in nats (CTranslate2's `score_batch`, summed)."""
-        src, tgt = self.tokenizer.encode([x.strip() for x in sources]), self.tokenizer.encode([y.strip() for y in targets])
+        src, tgt = self.tokenizer.encode([x.strip() for x in sources]), self.tokenizer.encode_target([y.strip() for y in targets])
         check_lengths(self, src, "sources")
         check_lengths(self, tgt, "targets")
         results = self.translator.score_batch([[self._pieces[t] for t in x] for x in src],

@@ -89,7 +89,7 @@ class DecodingModel(nn.Module):
         if quantize == "int8":
             _quantize_int8(model)
             if getattr(model, "out_proj", None) is None:  # tied: F.linear(h, embedding weight)
-                self.head = _int8_linear(model.tgt_embed.tokens.weight.detach(), None)
+                self.head = _int8_linear(model.tgt_embed.tokens.weight.detach(), model.out_bias)
         self.model = model
         self.cfg = model.cfg
         self.precision, self.quantize = precision, quantize
@@ -120,7 +120,7 @@ class DecodingModel(nn.Module):
             return self.head(h)
         out_proj = getattr(self.model, "out_proj", None)
         if self.quantize is not None and out_proj is not None:  # int8, untied: no weight tensor for F.linear
-            return out_proj(h)
+            return out_proj(h) if self.model.out_bias is None else out_proj(h) + self.model.out_bias
         return self.model.project(h)
 
     def _run(self, name: str, *args):

@@ -99,7 +99,7 @@ def score_pairs(model: EncoderDecoder, tokenizer: Tokenizer, sources: Sequence[s
     target's tokens and its EOS, teacher-forced from BOS. `UserError` naming the pair of a source or target
     too long for the model."""
     device, cfg = next(model.parameters()).device, model.cfg
-    src_ids, tgt_ids = tokenizer.encode([s.strip() for s in sources]), tokenizer.encode([t.strip() for t in targets])
+    src_ids, tgt_ids = tokenizer.encode([s.strip() for s in sources]), tokenizer.encode_target([t.strip() for t in targets])
     check_lengths(model, src_ids, "sources")
     check_lengths(model, tgt_ids, "targets")  # BOS + target, target + EOS: max_len - 1 tokens each
     out: list[float] = []

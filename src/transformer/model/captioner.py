@@ -44,7 +44,7 @@ class QFormerLayer(nn.Module):
         self.res_self = Residual(cfg)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout) if cross else None
         self.res_cross = Residual(cfg) if cross else None
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.act_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.act_dropout, cfg.activation)
         self.res_ffn = Residual(cfg)
 
     def forward(self, q: Tensor, image: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -94,7 +94,7 @@ class GatedCrossAttention(nn.Module):
         self.attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout)
         self.gate_attn = nn.Parameter(torch.zeros(()))
         self.norm_ffn = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.act_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.act_dropout, cfg.activation)
         self.gate_ffn = nn.Parameter(torch.zeros(()))
 
     def forward(self, y: Tensor, image: Tensor, cache: LayerCache | None = None,

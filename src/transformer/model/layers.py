@@ -11,6 +11,7 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.config import ModelConfig
@@ -50,17 +51,27 @@ class PositionalEncoding(nn.Module):
         return x + table[offset:end].to(x.dtype)
 
 
-class FeedForward(nn.Module):
-    """FFN(x) = max(0, x W1 + b1) W2 + b2, equation (2); optionally dropout on max(0, ...) in training."""
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": torch.relu,  # the paper's, equation (2)
+    "gelu": F.gelu,  # Hendrycks and Gimpel (2016), with erf: BERT, ViT
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's approximation
+    "swish": F.silu,  # x·sigmoid(x) (Ramachandran et al., 2017): OPUS-MT's Marian models
+}
 
-    def __init__(self, d_model: int, d_ff: int, act_dropout: float = 0.0) -> None:
+
+class FeedForward(nn.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2, equation (2), or another `activation` in place of max(0, ·);
+    optionally dropout on the activation in training."""
+
+    def __init__(self, d_model: int, d_ff: int, act_dropout: float = 0.0, activation: str = "relu") -> None:
         super().__init__()
         self.w1 = nn.Linear(d_model, d_ff)
         self.w2 = nn.Linear(d_ff, d_model)
         self.dropout = Dropout(act_dropout) if act_dropout else None
+        self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(self.w1(x))  # (B, T, d_ff)
+        h = self.activation(self.w1(x))  # (B, T, d_ff)
         return self.w2(self.dropout(h) if self.dropout is not None else h)
 
 
@@ -89,7 +100,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout)
         self.window = cfg.attn_window
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.act_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.act_dropout, cfg.activation)
         self.res_attn = Residual(cfg)
         self.res_ffn = Residual(cfg)
 
@@ -115,7 +126,7 @@ class DecoderLayer(nn.Module):
         self.res_self = Residual(cfg)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout) if cross else None
         self.res_cross = Residual(cfg) if cross else None
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.act_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.act_dropout, cfg.activation)
         self.res_ffn = Residual(cfg)
 
     def forward(

@@ -30,18 +30,30 @@ def project(h: Tensor, tokens: nn.Embedding, out_proj: nn.Linear | None, bias: T
 
 
 class Embedding(nn.Module):
-    """Token embedding × sqrt(d_model), plus positional encoding, then dropout (sections 3.4, 3.5, 5.4)."""
+    """Token embedding × sqrt(d_model), plus positional encoding, then dropout (sections 3.4, 3.5, 5.4).
+
+    Options of the family (`ModelConfig`): no scale (`scale_embedding` off), segment embeddings added
+    (`n_segments`, BERT's token types), a LayerNorm before the dropout (`embed_norm`, BERT).
+    """
 
     def __init__(self, cfg: ModelConfig, tokens: nn.Embedding | None = None) -> None:
         super().__init__()
         self.tokens = tokens if tokens is not None else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.positions = PositionalEncoding(cfg)
+        self.segments = nn.Embedding(cfg.n_segments, cfg.d_model) if cfg.n_segments else None
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.embed_norm else None
         self.dropout = Dropout(cfg.dropout)  # 16-bit masks (dropout.py)
-        self.scale = math.sqrt(cfg.d_model)
+        self.scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
 
-    def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
-        """ids (B, T) at positions offset.. -> (B, T, d_model)"""
-        return self.dropout(self.positions(self.tokens(ids) * self.scale, offset))
+    def forward(self, ids: Tensor, offset: int = 0, segments: Tensor | None = None) -> Tensor:
+        """ids (B, T) at positions offset.., segments (B, T) or None (all segment 0) -> (B, T, d_model)"""
+        x = self.tokens(ids)
+        if self.scale != 1.0:
+            x = x * self.scale
+        x = self.positions(x, offset)
+        if self.segments is not None:
+            x = x + (self.segments(segments) if segments is not None else self.segments.weight[0])
+        return self.dropout(self.norm(x) if self.norm is not None else x)
 
 
 class Encoder(nn.Module):
@@ -122,6 +134,7 @@ class EncoderDecoder(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg, cross=True)
         self.out_proj = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.logits_bias else None
 
     def encode(self, src: Tensor, attn_weights: AttnWeights | None = None) -> tuple[Tensor, Tensor]:
         """src (B, S) -> memory (B, S, d_model) and its padding mask (B, 1, 1, S)."""
@@ -142,7 +155,7 @@ class EncoderDecoder(nn.Module):
 
     def project(self, h: Tensor) -> Tensor:
         """(B, T, d_model) -> logits (B, T, vocab)"""
-        return project(h, self.tgt_embed.tokens, self.out_proj)
+        return project(h, self.tgt_embed.tokens, self.out_proj, self.out_bias)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.n_decoder_layers)
@@ -169,6 +182,7 @@ class DecoderOnly(nn.Module):
         self.embed = Embedding(cfg)
         self.decoder = Decoder(cfg, cross=False)
         self.out_proj = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.logits_bias else None
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.n_decoder_layers)
@@ -179,14 +193,15 @@ class DecoderOnly(nn.Module):
         """tokens (B, T) continuing `cache` -> logits (B, T, vocab)"""
         offset = cache.length if cache is not None else 0
         h = self.decoder(self.embed(tokens, offset), cache=cache, attn_weights=attn_weights)
-        return project(h, self.embed.tokens, self.out_proj)
+        return project(h, self.embed.tokens, self.out_proj, self.out_bias)
 
 
 class EncoderOnly(nn.Module):
     """BERT-style bidirectional encoder with a masked-LM head.
 
     The head follows BERT (Devlin et al., 2019): dense, GELU, LayerNorm, then the
-    (tied) vocabulary projection with a bias. The blocks themselves are the paper's (ReLU FFN).
+    (tied) vocabulary projection with a bias. The blocks are the paper's (ReLU FFN) unless the
+    config asks for BERT's options (`activation` gelu, `n_segments`, `embed_norm`: the bert-base preset).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -199,14 +214,25 @@ class EncoderOnly(nn.Module):
         )
         self.out_proj = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        # BERT's next-sentence prediction: a pooler (dense, tanh) on [CLS], then IsNext / NotNext logits
+        self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if cfg.next_sentence else None
+        self.nsp_head = nn.Linear(cfg.d_model, 2) if cfg.next_sentence else None
 
-    def hidden(self, tokens: Tensor, attn_weights: AttnWeights | None = None) -> Tensor:
-        """tokens (B, T) -> the encoder's output (B, T, d_model)"""
-        return self.encoder(self.embed(tokens), padding_mask(tokens, self.cfg.pad_id), attn_weights)
+    def hidden(self, tokens: Tensor, attn_weights: AttnWeights | None = None, segments: Tensor | None = None
+               ) -> Tensor:
+        """tokens (B, T), segments (B, T) or None (all 0) -> the encoder's output (B, T, d_model)"""
+        x = self.embed(tokens, segments=segments)
+        return self.encoder(x, padding_mask(tokens, self.cfg.pad_id), attn_weights)
 
     def logits(self, h: Tensor) -> Tensor:
         """The MLM head and vocabulary projection of hidden states (..., d_model) -> (..., vocab)"""
         return project(self.head(h), self.embed.tokens, self.out_proj, self.out_bias)
+
+    def next_sentence(self, h: Tensor) -> Tensor:
+        """Hidden states (B, T, d_model) -> next-sentence logits (B, 2) from [CLS] (position 0): IsNext, NotNext."""
+        if self.pooler is None:
+            raise ValueError("this model has no next-sentence head (next_sentence is off)")
+        return self.nsp_head(torch.tanh(self.pooler(h[:, 0])))
 
     def forward(self, tokens: Tensor, attn_weights: AttnWeights | None = None) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab)"""

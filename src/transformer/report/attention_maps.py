@@ -50,7 +50,7 @@ def attention_maps(
         raise UserError("the source sentence is empty")
     check_lengths(model, [src_ids], "`sentence`")
     limit = model.cfg.max_len - 1  # room for BOS
-    tgt_ids = tokenizer.encode([target.strip()])[0] if target is not None else None
+    tgt_ids = tokenizer.encode_target([target.strip()])[0] if target is not None else None
     if tgt_ids is not None and len(tgt_ids) > limit:
         raise UserError(
             f"`target`: the target has {len(tgt_ids)} tokens, over the model's limit of {limit} "

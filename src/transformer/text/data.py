@@ -118,7 +118,7 @@ def encode_pairs(
     them too), else it is a `UserError` naming its file and line.
     """
     limit = max_len - 2
-    src_ids, tgt_ids = tokenizer.encode([p.src for p in pairs]), tokenizer.encode([p.tgt for p in pairs])
+    src_ids, tgt_ids = tokenizer.encode([p.src for p in pairs]), tokenizer.encode_target([p.tgt for p in pairs])
     kept: tuple[list, list, list] = ([], [], [])
     for pair, src, tgt in zip(pairs, src_ids, tgt_ids):
         path, longest = (src_path, src) if len(src) >= len(tgt) else (tgt_path, tgt)

@@ -8,6 +8,7 @@ never adds BOS/EOS; `transformer.data.collate` does that.
 from __future__ import annotations
 
 import io
+import json
 import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -92,10 +93,18 @@ class Tokenizer:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Tokenizer":
-        """Tokenizer from a serialized SentencePiece model (as `to_bytes` gives).
+        """Tokenizer from a serialized SentencePiece model (as `to_bytes` gives), or, for a JSON document, the
+        tokenizer of an imported checkpoint (`text.pretrained`: same methods, its own special ids).
 
         Raises `ValueError` if `data` is not a model with this package's special ids.
         """
+        if data[:1] == b"{":
+            from transformer.text.pretrained import from_document
+
+            try:
+                return from_document(json.loads(data))
+            except (ValueError, AttributeError) as e:
+                raise ValueError(str(e)) from None
         processor = spm.SentencePieceProcessor()
         try:
             processor.LoadFromSerializedProto(data)
@@ -128,6 +137,13 @@ class Tokenizer:
         """Token ids of each text, without BOS/EOS. Extra whitespace is ignored."""
         return self._sp.encode(texts, out_type=int)
 
+    encode_target = encode  # one model for both sides (an imported Marian tokenizer has two)
+
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids that `decode` drops."""
+        return {self.PAD, self.BOS, self.EOS}
+
     def encode_sampled(self, texts: list[str], p: float, seed: int) -> list[list[int]]:
         """Token ids as `encode`, but a segmentation sampled anew: BPE-dropout (Provilkov et al., 2020) for a
         BPE model, each merge skipped with probability `p`; for a unigram model, subword regularisation (Kudo,
@@ -141,7 +157,7 @@ class Tokenizer:
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Detokenized text of each id list; pad, BOS and EOS ids are dropped wherever they are."""
-        skip = {self.PAD, self.BOS, self.EOS}
+        skip = self.special_ids
         return self._sp.decode([[i for i in seq if i not in skip] for seq in ids])
 
     def id_to_piece(self, i: int) -> str:
