@@ -253,11 +253,12 @@ def test_epoch_batches_and_to_device_follow_the_epoch_of_each_batch(data, tokeni
     idx = second[0].tolist()
     src, tgt = segmentations.pairs(1)
     expected = collate([src[i] for i in idx], [tgt[i] for i in idx])
-    got = _to_device(corpus, idx, torch.device("cpu"), segmentations, 1)
+    ids = preset("tiny")  # the special ids of every vocabulary trained here
+    got = _to_device(corpus, idx, torch.device("cpu"), ids, segmentations, 1)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     usual = collate([corpus.src[i] for i in idx], [corpus.tgt[i] for i in idx])
     assert not torch.equal(got[0], usual[0])
-    assert all(torch.equal(a, b) for a, b in zip(_to_device(corpus, idx, torch.device("cpu")), usual))
+    assert all(torch.equal(a, b) for a, b in zip(_to_device(corpus, idx, torch.device("cpu"), ids), usual))
 
 
 # --- BPE-dropout: training from the command line ---------------------------------------------------
@@ -274,8 +275,8 @@ def _record_training_batches(monkeypatch) -> list[tuple[int, list[int], list[lis
     seen: list[tuple[int, list[int], list[list[int]]]] = []
     real = translation._to_device
 
-    def recording(corpus, idx, device, segmentations=None, epoch=0):
-        batch = real(corpus, idx, device, segmentations, epoch)
+    def recording(corpus, idx, device, ids, segmentations=None, epoch=0):
+        batch = real(corpus, idx, device, ids, segmentations, epoch)
         if segmentations is not None:
             rows = [[t for t in row if t != Tokenizer.PAD][:-1] for row in batch[0].tolist()]  # less EOS
             seen.append((epoch, [int(i) for i in idx], rows))

@@ -184,6 +184,12 @@ def training(p: argparse.ArgumentParser, defaults: dict) -> None:
     """The model, optimiser and run flags of a training command, with the task's defaults."""
     model(p)
     loop(p)
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--init", help="start from this model directory (a run, a checkpoint, `transformer import`'s "
+                                  "output): its weights and vocabulary, a fresh optimiser; the model flags are "
+                                  "then ignored")
+    g.add_argument("--freeze", help="with --init: do not train the embeddings ('embeddings'; tied, the output "
+                                    "projection too), or the embeddings and the lowest N layers of each stack (N)")
     p.set_defaults(**defaults)
 
 
@@ -201,7 +207,8 @@ def loop_config(args: argparse.Namespace):
         out=Path(args.out), optim=optim, max_steps=args.max_steps, max_minutes=args.max_minutes,
         update_freq=args.update_freq, seed=args.seed, precision=args.precision, device=args.device,
         valid_every=args.valid_every, keep_last=args.keep_last, log_every=args.log_every, resume=args.resume,
-        progress=not args.no_progress,
+        progress=not args.no_progress, init=Path(args.init) if vars(args).get("init") else None,
+        freeze=vars(args).get("freeze"),
     )
 
 

@@ -1,4 +1,4 @@
-"""Commands for any model or run: params, average, plot."""
+"""Commands for any model or run: params, average, import, plot."""
 
 from __future__ import annotations
 
@@ -46,6 +46,19 @@ def _plot(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _import(args: argparse.Namespace) -> None:
+    from transformer.errors import UserError
+    from transformer.pretrained import import_huggingface
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out}: already exists and is not an empty folder; choose another")
+    writable_folder(out, "--out")
+    kind, model = import_huggingface(Path(args.folder), out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"imported {args.folder} as a {kind} model ({n:,} parameters) into {out}", file=sys.stderr)
+
+
 def register(sub) -> None:
     p = command(sub, "params", _params, "Print parameter counts per component and in total.")
     p.add_argument("--preset", default="base", help=f"one of: {', '.join(PRESETS)}")
@@ -55,6 +68,13 @@ def register(sub) -> None:
     p = command(sub, "average", _average, "Average the weights of checkpoints (the paper averages the last 5).")
     p.add_argument("models", nargs="+", help="model or checkpoint directories")
     p.add_argument("--out", required=True, help="model directory to write")
+
+    p = command(sub, "import", _import, "Import a pretrained Hugging Face checkpoint (a local folder: Marian/OPUS-MT, "
+                                        "BERT, GPT-2, ViT) as a model directory of this package.")
+    p.add_argument("folder", help="the Hugging Face model folder (config.json, weights, tokenizer files)")
+    p.add_argument("--from", dest="source", choices=["huggingface"], default="huggingface",
+                   help="the checkpoint's format")
+    p.add_argument("--out", required=True, help="model directory to write (new, or an empty folder)")
 
     p = command(sub, "plot", _plot, "Write PNG training curves (loss, validation metrics, learning rate).")
     p.add_argument("run", help="run directory holding log.jsonl")

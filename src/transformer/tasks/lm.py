@@ -133,7 +133,8 @@ def _train_lm(cfg: LMConfig, model_cfg: ModelConfig, say: Callable[[str], None])
         return _model_config(model_cfg, vocab_size, cfg.block_size)
 
     model, stored_cfg, tokenizer, state, recorded = begin(loop, "decoder", shape, new_tokenizer, device, say)
-    block = stored_cfg.max_len
+    # the model's block; a fine-tuning run (`init`) trains on windows of `block_size` within it
+    block = min(cfg.block_size, stored_cfg.max_len) if loop.init is not None else stored_cfg.max_len
     meta = {"lm": cfg.to_dict()}
     loop = settle(loop, stored_cfg, shape(stored_cfg.vocab_size), recorded, meta, say)
     train_data, valid_data = encode_text(tokenizer, train_text), encode_text(tokenizer, valid_text)

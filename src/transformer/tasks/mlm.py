@@ -65,15 +65,37 @@ class MLMConfig:
                 "mask_prob": self.mask_prob}
 
 
+@dataclass(frozen=True)
+class Specials:
+    """The ids an MLM run needs: [MASK], [CLS], [SEP], pad, and the first regular (maskable) id; the ids of
+    this package's vocabulary by default, an imported BERT's from its tokenizer (`specials`)."""
+
+    mask: int = MASK
+    cls: int = CLS
+    sep: int = SEP
+    pad: int = Tokenizer.PAD
+    first_regular: int = FIRST_REGULAR
+
+
+def specials(tokenizer: Tokenizer, pad_id: int) -> Specials:
+    """The `Specials` of `tokenizer` (regular ids: those after every special one); `UserError` when its
+    vocabulary lacks [MASK], [CLS] or [SEP]."""
+    ids = [tokenizer.piece_to_id(symbol) for symbol in SYMBOLS]
+    for symbol, i in zip(SYMBOLS, ids):
+        if i < 0 or tokenizer.id_to_piece(i) != symbol:
+            raise UserError(f"the model's vocabulary has no {symbol} token")
+    return Specials(*ids, pad_id, max({*tokenizer.special_ids, *ids, pad_id}) + 1)
+
+
 def mask_tokens(
-    tokens: Tensor, vocab_size: int, generator: torch.Generator, mask_prob: float = 0.15
+    tokens: Tensor, vocab_size: int, generator: torch.Generator, mask_prob: float = 0.15, ids: Specials = Specials()
 ) -> tuple[Tensor, Tensor]:
     """tokens (B, T) -> (inputs, labels): BERT's 80/10/10 corruption; labels IGNORE where not chosen."""
-    regular = tokens >= FIRST_REGULAR
+    regular = tokens >= ids.first_regular
     chosen = (torch.rand(tokens.shape, generator=generator, device=tokens.device) < mask_prob) & regular
     how = torch.rand(tokens.shape, generator=generator, device=tokens.device)
-    random_ids = torch.randint(FIRST_REGULAR, vocab_size, tokens.shape, generator=generator, device=tokens.device)
-    inputs = torch.where(chosen & (how < 0.8), torch.full_like(tokens, MASK), tokens)
+    random_ids = torch.randint(ids.first_regular, vocab_size, tokens.shape, generator=generator, device=tokens.device)
+    inputs = torch.where(chosen & (how < 0.8), torch.full_like(tokens, ids.mask), tokens)
     inputs = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, inputs)
     labels = torch.where(chosen, tokens, torch.full_like(tokens, IGNORE))
     return inputs, labels
@@ -101,8 +123,9 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def encode_sentences(tokenizer: Tokenizer, lines: list[str], max_len: int) -> list[list[int]]:
-    return [[CLS, *ids[: max_len - 2], SEP] for ids in tokenizer.encode(lines)]
+def encode_sentences(tokenizer: Tokenizer, lines: list[str], max_len: int, ids: Specials = Specials()
+                     ) -> list[list[int]]:
+    return [[ids.cls, *seq[: max_len - 2], ids.sep] for seq in tokenizer.encode(lines)]
 
 
 def _read(path: Path) -> list[str]:
@@ -151,18 +174,19 @@ def _train_mlm(cfg: MLMConfig, model_cfg: ModelConfig, say: Callable[[str], None
     model, stored_cfg, tokenizer, state, recorded = begin(loop, "encoder", shape, new_tokenizer, device, say)
     meta = {"mlm": cfg.to_dict()}
     loop = settle(loop, stored_cfg, shape(stored_cfg.vocab_size), recorded, meta, say)
-    train_seqs = encode_sentences(tokenizer, lines, stored_cfg.max_len)
-    valid_seqs = encode_sentences(tokenizer, valid_lines, stored_cfg.max_len)
-    frequent = Counter(i for s in train_seqs for i in s if i >= FIRST_REGULAR).most_common(1)[0][0]
+    ids = specials(tokenizer, stored_cfg.pad_id)
+    train_seqs = encode_sentences(tokenizer, lines, stored_cfg.max_len, ids)
+    valid_seqs = encode_sentences(tokenizer, valid_lines, stored_cfg.max_len, ids)
+    frequent = Counter(i for s in train_seqs for i in s if i >= ids.first_regular).most_common(1)[0][0]
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; {len(train_seqs)} training, "
         f"{len(valid_seqs)} validation sentences; most frequent token {tokenizer.id_to_piece(frequent)!r}")
     meta["mlm"]["most_frequent_token"] = frequent
-    objective = _objective(cfg, train_seqs, valid_seqs, stored_cfg.vocab_size, frequent, device)
+    objective = _objective(cfg, train_seqs, valid_seqs, stored_cfg.vocab_size, ids, frequent, device)
     return fit(loop, model, stored_cfg, tokenizer, objective, state, meta, say)
 
 
-def _objective(cfg: MLMConfig, train_seqs: list[list[int]], valid_seqs: list[list[int]], vocab: int, frequent: int,
-               device: torch.device) -> Objective:
+def _objective(cfg: MLMConfig, train_seqs: list[list[int]], valid_seqs: list[list[int]], vocab: int, ids: Specials,
+               frequent: int, device: torch.device) -> Objective:
     """Batches of masked sentences, the loss at the chosen positions, and validation accuracy."""
     seed = cfg.loop.seed
     per_epoch = max(len(train_seqs) // cfg.batch_size, 1)
@@ -171,12 +195,13 @@ def _objective(cfg: MLMConfig, train_seqs: list[list[int]], valid_seqs: list[lis
     def batch(step: int):
         epoch, b = divmod(step, per_epoch)
         order = torch.randperm(len(train_seqs), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        tokens = pad([train_seqs[i] for i in order[b * size : (b + 1) * size].tolist()])
-        inputs, labels = mask_tokens(tokens, vocab, torch.Generator().manual_seed(seed * 7_000_003 + step), cfg.mask_prob)
+        tokens = pad([train_seqs[i] for i in order[b * size : (b + 1) * size].tolist()], ids.pad)
+        inputs, labels = mask_tokens(tokens, vocab, torch.Generator().manual_seed(seed * 7_000_003 + step),
+                                     cfg.mask_prob, ids)
         return inputs.to(device), labels.to(device)
 
     generator = torch.Generator().manual_seed(seed + 7919)
-    valid_batches = [mask_tokens(pad(valid_seqs[i : i + 256]), vocab, generator, cfg.mask_prob)
+    valid_batches = [mask_tokens(pad(valid_seqs[i : i + 256], ids.pad), vocab, generator, cfg.mask_prob, ids)
                      for i in range(0, len(valid_seqs), 256)]
 
     def loss(model: EncoderOnly, batch) -> tuple[Tensor, int]:

@@ -184,11 +184,12 @@ class EpochBatches:
         return -(-batches // update_freq)
 
 
-def _to_device(corpus: Corpus, idx: list[int], device: torch.device, segmentations: Segmentations | None = None,
-               epoch: int = 0):
-    """A collated batch on `device`; on CUDA through pinned memory, copied without blocking."""
+def _to_device(corpus: Corpus, idx: list[int], device: torch.device, ids: ModelConfig,
+               segmentations: Segmentations | None = None, epoch: int = 0):
+    """A collated batch on `device` with the special ids of `ids` (a model config); on CUDA through pinned
+    memory, copied without blocking."""
     src, tgt = segmentations.pairs(epoch) if segmentations is not None else (corpus.src, corpus.tgt)
-    tensors = collate([src[i] for i in idx], [tgt[i] for i in idx])
+    tensors = collate([src[i] for i in idx], [tgt[i] for i in idx], ids.pad_id, ids.bos_id, ids.eos_id)
     if device.type == "cuda":
         return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
     return tuple(t.to(device) for t in tensors)
@@ -200,7 +201,7 @@ def validate(
     """Validation loss, perplexity and greedy BLEU (the loop calls it in eval mode, without gradients)."""
     loss_sum = nll_sum = n = 0.0
     for idx in corpus.sampler.batches(0):
-        src, tgt_in, tgt_out = _to_device(corpus, idx, device)
+        src, tgt_in, tgt_out = _to_device(corpus, idx, device, model.cfg)
         loss, nll, count = label_smoothed_cross_entropy(model(src, tgt_in), tgt_out, cfg.label_smoothing, model.cfg.pad_id)
         loss_sum, nll_sum, n = loss_sum + loss.item(), nll_sum + nll.item(), n + count.item()
     lines = cfg.valid_bleu_lines or len(corpus.src_text)
@@ -269,7 +270,7 @@ def _train(cfg: TranslationConfig, model_cfg: ModelConfig, say: Callable[[str], 
 
     def batch(i: int):
         idx = batches[i]  # first: it moves `batches.epoch` to the epoch of batch i
-        return _to_device(train_data, idx, device, segmentations, batches.epoch)
+        return _to_device(train_data, idx, device, stored_cfg, segmentations, batches.epoch)
 
     objective = Objective(
         batch=batch, loss=loss,

@@ -65,6 +65,8 @@ class LoopConfig:
     log_every: int = 50
     resume: bool = False
     progress: bool = True
+    init: Path | None = None  # start from this model directory's weights and vocabulary (fine-tuning)
+    freeze: str | None = None  # "embeddings", or N: the embeddings and the lowest N layers of each stack
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, the optimiser as a nested dict; without `out`: where a run lives is no part of what it is."""

@@ -15,7 +15,7 @@ import torch
 
 from transformer.config import ModelConfig
 from transformer.errors import UserError
-from transformer.model.models import build_model
+from transformer.model.models import Decoder, Embedding, Encoder, build_model
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import checkpoint as ckpt
 from transformer.store import modeldir
@@ -47,16 +47,46 @@ def open_run(cfg: LoopConfig, say: Callable[[str], None]):
 def begin(cfg: LoopConfig, arch: str, shape: Callable[[int], ModelConfig], make_tokenizer: Callable[[], Tokenizer],
           device: torch.device, say: Callable[[str], None]):
     """(model, model config, tokenizer, train state, recorded meta) to train: the newest checkpoint's when
-    resuming (state and meta from it), else a new model of `shape(vocab size of make_tokenizer())`, seeded."""
+    resuming (state and meta from it); else with `cfg.init` that model directory's model and tokenizer (a
+    fine-tuning run: fresh optimiser); else a new model of `shape(vocab size of make_tokenizer())`, seeded.
+    `cfg.freeze` is applied to the model (`freeze`)."""
     resumed = open_run(cfg, say)
     if resumed is None:
-        tokenizer = make_tokenizer()
-        model_cfg = shape(tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)
-        resumed = build_model(model_cfg).to(device), model_cfg, tokenizer, None, None
+        if cfg.init is not None:
+            model, model_cfg, tokenizer, _ = modeldir.load_model_dir(cfg.init, device)
+            say(f"starting from the weights of {cfg.init}")
+            resumed = model.train(), model_cfg, tokenizer, None, None
+        else:
+            tokenizer = make_tokenizer()
+            model_cfg = shape(tokenizer.vocab_size)
+            resumed = build_model(model_cfg).to(device), model_cfg, tokenizer, None, None
     if resumed[1].arch != arch:
-        raise UserError(f"{cfg.out}: this task trains an {arch} model, not arch {resumed[1].arch!r}")
+        where = cfg.init if cfg.init is not None and resumed[3] is None else cfg.out
+        raise UserError(f"{where}: this task trains an {arch} model, not arch {resumed[1].arch!r}")
+    freeze(resumed[0], cfg.freeze)
     return resumed
+
+
+def freeze(model: torch.nn.Module, spec: str | None) -> None:
+    """Stop training part of `model`: "embeddings" (token, position and segment embeddings, and with tied
+    embeddings the output projection, the same matrix), or "N": the embeddings and the lowest N layers of
+    each stack (encoder, decoder). None: nothing. `UserError` for another value."""
+    if spec is None:
+        return
+    if spec != "embeddings" and not (spec.isdigit() and int(spec) >= 0):
+        raise UserError(f"`freeze` {spec!r}: give embeddings, or a number of lower layers")
+    n = 0 if spec == "embeddings" else int(spec)
+    stacks = [m for m in model.modules() if isinstance(m, (Encoder, Decoder))]
+    if any(n > len(stack.layers) for stack in stacks):
+        raise UserError(f"`freeze` {n}: more layers than a stack of the model has "
+                        f"({min(len(stack.layers) for stack in stacks)})")
+    for module in model.modules():
+        if isinstance(module, Embedding):
+            module.requires_grad_(False)
+    for stack in stacks:
+        for layer in stack.layers[:n]:
+            layer.requires_grad_(False)
 
 
 def settle(cfg: LoopConfig, model_cfg: ModelConfig, wanted: ModelConfig, recorded: dict | None, meta: dict,
@@ -64,6 +94,8 @@ def settle(cfg: LoopConfig, model_cfg: ModelConfig, wanted: ModelConfig, recorde
     """`cfg` with its optimiser resolved for the model; when resuming (`recorded` is the run's meta), a
     `UserError` if this command's settings (`wanted` model, `cfg`, task `meta`) would change the run."""
     cfg = dataclasses.replace(cfg, optim=cfg.optim.resolve(model_cfg.d_model, cfg.max_steps))
+    if cfg.init is not None:  # the model is the one it started from, whatever the model flags say
+        wanted = model_cfg
     if recorded is not None:
         check_resume(cfg.out, {"model": model_cfg.to_dict(), **recorded},
                      {"model": wanted.to_dict(), "loop": cfg.to_dict(), **meta}, say)
