@@ -111,3 +111,32 @@ def test_init_refuses_a_model_of_another_task(tmp_path, capsys):
             (data / f"{split}.{lang}").write_text(text + "\n")
     assert main(_args(data, tmp_path / "ft", "--max-steps", "1", "--init", str(lm))) == 2
     assert f"{lm}: this task trains an encoder-decoder model, not arch 'decoder'" in capsys.readouterr().err
+
+
+def test_a_vit_fine_tunes_with_a_new_head_for_other_classes(tmp_path, capsys):
+    """A ViT trained on two classes of the digits starts another run on all ten: a new head, the rest kept."""
+    from transformer.store.kinds import load_vit
+
+    pytest.importorskip("sklearn")
+    base = tmp_path / "base"
+    common = ["--bundled", "digits", "--preset", "tiny", "--batch-size", "16", "--valid-every", "2",
+              "--no-progress", "--seed", "2"]
+    assert main(["vit", "train", "--out", str(base), "--max-steps", "2", *common]) == 0
+    model, _, _ = load_vit(base)
+    head = torch.nn.Linear(model.cfg.d_model, 3)  # pretend the base had 3 classes: the run must replace it
+    model.head, model.cfg = head, model.cfg.replace(n_classes=3)
+    from transformer.store.modeldir import save_model_dir
+    save_model_dir(tmp_path / "three", model, model.cfg, b"", meta={"vit": {}, "classes": ["a", "b", "c"]})
+    capsys.readouterr()
+    out = tmp_path / "ft"
+    assert main(["vit", "train", "--out", str(out), "--max-steps", "2", "--init", str(tmp_path / "three"),
+                 "--freeze", "1", *common]) == 0
+    assert "a new classifier head for 10 classes" in capsys.readouterr().err
+    tuned, cfg, meta = load_vit(out)
+    assert cfg.n_classes == 10 and meta["loop"]["init"] == str(tmp_path / "three")
+    kept = dict(model.state_dict())
+    for name, value in tuned.state_dict().items():
+        if name.startswith(("encoder.patch_embed", "encoder.cls", "encoder.positions", "encoder.encoder.layers.0.")):
+            assert torch.equal(value, kept[name]), name
+        elif not name.startswith("head."):
+            assert not torch.equal(value, kept[name]), name

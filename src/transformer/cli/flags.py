@@ -184,13 +184,17 @@ def training(p: argparse.ArgumentParser, defaults: dict) -> None:
     """The model, optimiser and run flags of a training command, with the task's defaults."""
     model(p)
     loop(p)
+    fine_tuning(p)
+    p.set_defaults(**defaults)
+
+
+def fine_tuning(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--init", help="start from this model directory (a run, a checkpoint, `transformer import`'s "
                                   "output): its weights and vocabulary, a fresh optimiser; the model flags are "
                                   "then ignored")
     g.add_argument("--freeze", help="with --init: do not train the embeddings ('embeddings'; tied, the output "
                                     "projection too), or the embeddings and the lowest N layers of each stack (N)")
-    p.set_defaults(**defaults)
 
 
 def loop_config(args: argparse.Namespace):

@@ -82,6 +82,7 @@ def register(sub) -> None:
                       help="augmentation: scale each training image by a factor within 1 ± this")
     flags.vision_model(p, "tiny")
     flags.loop(p)
+    flags.fine_tuning(p)
     p.set_defaults(**TRAIN_DEFAULTS)
 
     p = command(sub, "predict", _predict, "Classify image files; with --images or --bundled, report accuracy.")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from transformer.config import VisionConfig
 from transformer.errors import UserError
 from transformer.images.data import ImageSet, bundled, random_affine, read_folder, split
+from transformer.model.models import init_weights
 from transformer.model.vision import ViT, build_vit
 from transformer.store.kinds import load_vit
 from transformer.training.checkpoint import list_checkpoints
@@ -36,7 +37,7 @@ from transformer.store import modeldir
 from transformer.training.lock import guard
 from transformer.training.loop import LoopConfig, Objective, fit
 from transformer.device import resolve_device
-from transformer.training.run import check_resume
+from transformer.training.run import check_resume, freeze
 
 TEST_FRACTION, VALID_FRACTION = 0.2, 0.1
 
@@ -87,10 +88,15 @@ def start(loop: LoopConfig, wanted, meta: dict, build: Callable, load: Callable,
         raise UserError(f"{loop.out} already holds a training run; pass `resume` to continue it, or choose "
                         "another `out`")
     loop = dataclasses.replace(loop, optim=loop.optim.resolve(d_model, loop.max_steps))
+    if loop.init is not None:
+        wanted = _initial(loop.init, wanted, device)
     if not (loop.resume and checkpoints):
         torch.manual_seed(loop.seed)
-        return build(wanted).to(device), wanted, None, loop
+        model = build(wanted) if loop.init is None else _from_init(loop.init, wanted, load, device, say)
+        freeze(model, loop.freeze)
+        return model.to(device), wanted, None, loop
     model, cfg, recorded = load(checkpoints[-1], device)
+    freeze(model, loop.freeze)
     state = modeldir.load_train_state(checkpoints[-1])
     if state is None:
         raise UserError(f"{checkpoints[-1]}: checkpoint has no training state to resume from")
@@ -98,6 +104,30 @@ def start(loop: LoopConfig, wanted, meta: dict, build: Callable, load: Callable,
                                                                   **meta}, say)
     say(f"resuming from {checkpoints[-1]} (step {state['step']})")
     return model.train(), cfg, state, loop
+
+
+def _initial(init: Path, wanted: VisionConfig, device: torch.device) -> VisionConfig:
+    """The config a run fine-tuning the model in `init` trains: its own, with the data's number of classes;
+    `UserError` when the data's images are not the size and channels the model takes."""
+    _, cfg, _ = load_vit(init, device)
+    have, need = (cfg.image_height, cfg.image_width, cfg.channels), (wanted.image_height, wanted.image_width,
+                                                                   wanted.channels)
+    if have != need:
+        raise UserError(f"`init` {init}: the model takes {have[0]}x{have[1]} images of {have[2]} channel(s), "
+                        f"the data has {need[0]}x{need[1]} of {need[2]}")
+    return cfg.replace(n_classes=wanted.n_classes)
+
+
+def _from_init(init: Path, wanted: VisionConfig, load: Callable, device: torch.device, say: Callable) -> ViT:
+    """The ViT of `init`, with a new classifier head when the data's classes are not the model's."""
+    model, cfg, meta = load(init, device)
+    say(f"starting from the weights of {init}")
+    if cfg.n_classes != wanted.n_classes or meta.get("classes") is None:
+        say(f"a new classifier head for {wanted.n_classes} classes")
+        model.head = torch.nn.Linear(cfg.d_model, wanted.n_classes, device=model.head.weight.device)
+        init_weights(model.head)
+        model.cfg = wanted
+    return model.train()
 
 
 def accuracy(model: ViT, data: ImageSet, batch_size: int = 256) -> float:

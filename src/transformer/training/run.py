@@ -16,6 +16,7 @@ import torch
 from transformer.config import ModelConfig
 from transformer.errors import UserError
 from transformer.model.models import Decoder, Embedding, Encoder, build_model
+from transformer.model.vision import VisionEncoder
 from transformer.text.tokenizer import Tokenizer
 from transformer.training import checkpoint as ckpt
 from transformer.store import modeldir
@@ -84,6 +85,10 @@ def freeze(model: torch.nn.Module, spec: str | None) -> None:
     for module in model.modules():
         if isinstance(module, Embedding):
             module.requires_grad_(False)
+        elif isinstance(module, VisionEncoder):  # a ViT's embeddings: patches, [CLS], positions
+            for part in (module.patch_embed, module.cls, module.positions):
+                if part is not None:
+                    part.requires_grad_(False)
     for stack in stacks:
         for layer in stack.layers[:n]:
             layer.requires_grad_(False)
