@@ -16,14 +16,16 @@ from transformer.store import kinds, modeldir
 
 Model = Translator | LanguageModel | MaskedLM | ImageClassifier | Captioner
 KIND_NAMES = {"translation": "a translation model", "lm": "a language model", "mlm": "a BERT-style masked LM",
-              "vit": "an image classifier (ViT)", "captioner": "a captioner", "ctranslate2": "a CTranslate2 export"}
+              "vit": "an image classifier (ViT)", "captioner": "a captioner", "ctranslate2": "a CTranslate2 export",
+              "huggingface": "a Hugging Face folder"}
 
 
 def load(path: str | Path, device: str = "auto", precision: str = "auto", quantize: str | None = None,
          compile: bool = False, engine: str = "auto", threads: int | None = None) -> Model:
-    """The model in `path` (a training run directory, one of its checkpoints, an averaged model, or a folder of
-    `transformer export --to ctranslate2`) as a `Translator`, `LanguageModel`, `MaskedLM`, `ImageClassifier`
-    or `Captioner`, after the kind its config says.
+    """The model in `path` (a training run directory, one of its checkpoints, an averaged model, a folder of
+    `transformer export --to ctranslate2`, or a Hugging Face folder of a family `transformer import` takes,
+    converted in memory) as a `Translator`, `LanguageModel`, `MaskedLM`, `ImageClassifier` or `Captioner`,
+    after the kind its config says.
 
     `device`: auto (a CUDA GPU when there is one), cpu, cuda or cuda:N. For translation: `precision` auto
     (bf16 where native for decoding: a GPU), fp32 or bf16; `quantize` None or "int8" (dynamic int8 on the
@@ -37,7 +39,7 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", quanti
         raise UserError(f"`engine` {engine}: choose auto, torch or ctranslate2")
     if engine == "ctranslate2" and kind != "ctranslate2":
         raise UserError(f"{path}: not an exported CTranslate2 folder (no {kinds.CT2_MODEL} and {kinds.CT2_CONFIG})")
-    if kind not in ("translation", "ctranslate2") and (quantize is not None or compile):
+    if kind not in ("translation", "ctranslate2", "huggingface") and (quantize is not None or compile):
         raise UserError(f"`quantize` and `compile` are for translation models; {path} holds {KIND_NAMES[kind]}")
     if kind == "ctranslate2":
         if engine == "torch":
@@ -49,6 +51,8 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", quanti
                                     threads=threads)
         return Translator(ct2.cfg, ct2.tokenizer, ctranslate2=ct2)
     where = resolve_device(device)
+    if kind == "huggingface":
+        return _converted(path, where, precision, quantize, compile)
     if kind == "vit":
         model, cfg, meta = kinds.load_vit(path, where)
         return ImageClassifier(cfg, model, meta.get("classes") or [str(i) for i in range(cfg.n_classes)])
@@ -56,6 +60,26 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", quanti
         model, cfg, _ = kinds.load_captioner(path, where)
         return Captioner(cfg, kinds.load_tokenizer(path), model)
     model, cfg, tokenizer, _ = modeldir.load_model_dir(path, where)
+    return _text_model(kind, cfg, tokenizer, model, precision, quantize, compile)
+
+
+def _converted(path: Path, where, precision: str, quantize: str | None, compile: bool) -> Model:
+    """A Hugging Face folder, converted in memory (`transformer import` writes the same model to disk)."""
+    from transformer.pretrained import build, convert_folder
+    from transformer.text.tokenizer import Tokenizer
+
+    converted = convert_folder(path)
+    model = build(converted).to(where)
+    if converted.kind == "vit":
+        return ImageClassifier(converted.config, model, converted.meta["classes"])
+    if converted.kind != "translation" and (quantize is not None or compile):
+        raise UserError(f"`quantize` and `compile` are for translation models; {path} holds "
+                        f"{KIND_NAMES[converted.kind]}")
+    return _text_model(converted.kind, converted.config, Tokenizer.from_bytes(converted.tokenizer), model,
+                       precision, quantize, compile)
+
+
+def _text_model(kind: str, cfg, tokenizer, model, precision: str, quantize: str | None, compile: bool) -> Model:
     if kind == "lm":
         return LanguageModel(cfg, tokenizer, model)
     if kind == "mlm":

@@ -1,14 +1,16 @@
 """What kind of model a path holds, and the loaders of the vision models.
 
 Kinds: ``translation`` (an encoder-decoder), ``lm`` (decoder-only), ``mlm`` (a BERT-style
-encoder), ``vit`` (an image classifier), ``captioner`` (a ViT, a bridge and an LM) and
-``ctranslate2`` (a folder of `transformer export --to ctranslate2`, translation or LM). A training
+encoder), ``vit`` (an image classifier), ``captioner`` (a ViT, a bridge and an LM),
+``ctranslate2`` (a folder of `transformer export --to ctranslate2`, translation or LM) and
+``huggingface`` (a Hugging Face model folder, which `pretrained` converts on loading). A training
 run directory, one of its checkpoints and an averaged model are all model directories
 (`store.modeldir`); the kind is read from their config.json.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +24,7 @@ from transformer.model.vision import ViT, build_vit
 from transformer.store import modeldir
 from transformer.text.tokenizer import Tokenizer
 
-KINDS = ("translation", "lm", "mlm", "vit", "captioner", "ctranslate2")
+KINDS = ("translation", "lm", "mlm", "vit", "captioner", "ctranslate2", "huggingface")
 ARCH_KINDS = {"encoder-decoder": "translation", "decoder": "lm", "encoder": "mlm"}
 # An exported CTranslate2 folder: CTranslate2's model.bin, our tokenizer and our model config beside it.
 CT2_MODEL, CT2_TOKENIZER, CT2_CONFIG = "model.bin", "tokenizer.model", "transformer.json"
@@ -34,11 +36,23 @@ def is_ctranslate2_dir(path: str | Path) -> bool:
     return (path / CT2_MODEL).is_file() and (path / CT2_CONFIG).is_file()
 
 
+def is_huggingface_dir(path: str | Path) -> bool:
+    """Whether `path` is a Hugging Face model folder (a config.json naming a `model_type`, not ours)."""
+    file = Path(path) / modeldir.CONFIG
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(config, dict) and "model_type" in config and "model" not in config
+
+
 def model_kind(path: str | Path) -> str:
     """The kind (one of `KINDS`) of the model in `path`; `UserError` naming the path when it holds none."""
     path = Path(path)
     if is_ctranslate2_dir(path):
         return "ctranslate2"
+    if is_huggingface_dir(path):
+        return "huggingface"
     model, meta = modeldir.read_config(path)  # UserError: no such directory, not a model directory, bad JSON
     if "vit" in meta:
         return "vit"

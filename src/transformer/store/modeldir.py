@@ -275,6 +275,9 @@ def read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         data = json.loads(file.read_text(encoding="utf-8"))
     except ValueError as e:
         raise UserError(f"{path / CONFIG}: invalid JSON ({e})") from None
+    if isinstance(data, dict) and "model_type" in data and "model" not in data:
+        raise UserError(f"{path}: a Hugging Face folder, not a model directory; convert it with "
+                        f"`transformer import {path} --out DIR`")
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise UserError(f'{path / CONFIG}: no "model" section')
     if not isinstance(data.get("meta", {}), dict):
