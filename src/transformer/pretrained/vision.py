@@ -158,7 +158,7 @@ def _layer(folder: HFFolder, i: int, cfg: VisionConfig) -> dict[str, Tensor]:
 
 
 def _channel_values(folder: HFFolder, config: dict[str, Any], key: str, default: float, channels: int) -> Tensor:
-    """(C,): preprocessor option `key` (one number, or one per channel)."""
+    """(C,): preprocessor option `key` (one number, or one per channel), float64."""
     value = config.get(key, default)
     values = value if isinstance(value, (list, tuple)) else [value] * channels
     if len(values) != channels or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -177,8 +177,11 @@ def preprocessing(folder: HFFolder, channels: int) -> tuple[Tensor, Tensor, dict
     config = read_json(file)
     if not isinstance(config, dict):
         raise UserError(f"{file}: not a JSON object")
-    rescale = float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else 1.0
-    scale = torch.full((channels,), 255 * rescale, dtype=torch.float64)  # HF's rescaled pixel = scale · ours
+    # absent options: ViTImageProcessor's defaults (rescale by 1/255, normalise with mean 0.5, std 0.5)
+    rescale = config.get("rescale_factor", 1 / 255) if config.get("do_rescale", True) else 1
+    if not isinstance(rescale, (int, float)) or isinstance(rescale, bool):
+        raise UserError(f"{file}: rescale_factor {rescale!r}: expected a number")
+    scale = torch.full((channels,), 255 * float(rescale), dtype=torch.float64)  # HF's rescaled pixel = scale · ours
     shift = torch.zeros(channels, dtype=torch.float64)
     if config.get("do_normalize", True):
         mean = _channel_values(folder, config, "image_mean", 0.5, channels)
