@@ -10,13 +10,16 @@ vocabulary). What the spec is told, so that CTranslate2 computes what our model 
   sinusoids (PE[pos, 2i] = sin, PE[pos, 2i+1] = cos), or the learned table, row p for
   position p. CTranslate2's built-in sinusoids are another table (checked against its scores:
   tensor2tensor's, sin and cos in halves, frequencies 10000^(-i/(d/2-1)), from position 1);
-- the embedding scale sqrt(d_model) (`scale_embeddings`);
+- the embedding scale sqrt(d_model) (`scale_embeddings`), or none (`scale_embedding` off);
+- the FFN's activation (ReLU, GELU, its tanh form, swish) and the output projection's bias
+  (`logits_bias`, an imported Marian model's final_logits_bias);
 - tied embeddings: the one matrix as source and target embedding and output projection
   (CTranslate2 stores it once, as aliases); untied models get their three matrices;
 - attention as one fused Q,K,V projection (self-attention) or Q and a fused K,V projection
   (cross-attention), exactly our `in_proj` rows;
 - the shared vocabulary: the sentencepiece pieces in id order, so token i is our id i;
-- the decoder starts from `<s>` (our BOS) and the source gets `</s>` (our EOS) appended,
+- the decoder starts from our BOS (`<s>`; an imported Marian model's pad token) and the source
+  gets our EOS (`</s>`) appended,
   as `text.data.collate_source` does; LayerNorm epsilon from the config.
 
 int8 weights lie on the grid [-64, 64] of each row (scale 64 / max|row|), not CTranslate2's
@@ -39,7 +42,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from ctranslate2.converters import Converter
-from ctranslate2.specs import transformer_spec
+from ctranslate2.specs import common_spec, transformer_spec
 from ctranslate2.specs.model_spec import NumpyVariable, Variable, visit_spec
 from torch import nn
 
@@ -51,14 +54,24 @@ from transformer.inference.ctranslate2 import INT8_MAX
 from transformer.store.kinds import CT2_CONFIG, CT2_TOKENIZER
 from transformer.model.layers import DecoderLayer, EncoderLayer, PositionalEncoding
 from transformer.model.models import Decoder, DecoderOnly, Embedding, Encoder, EncoderDecoder
+from transformer.text.pretrained import MarianTokenizer
 from transformer.text.tokenizer import Tokenizer
 
+
+
+# CTranslate2's FFN activations for ours (its GELU is erf's, GELUTanh the tanh approximation)
+ACTIVATIONS = {"relu": common_spec.Activation.RELU, "gelu": common_spec.Activation.GELU,
+               "gelu_tanh": common_spec.Activation.GELUTanh, "swish": common_spec.Activation.SWISH}
 
 
 def _refusal(cfg: ModelConfig) -> str | None:
     """Why CTranslate2 cannot run a model of config `cfg` exactly, or None."""
     if cfg.arch == "encoder":
         return "an encoder-only (BERT-style) model with an MLM head: CTranslate2 has no such model type"
+    if cfg.n_segments:
+        return f"segment embeddings (n_segments {cfg.n_segments}): CTranslate2's Transformer has none"
+    if cfg.embed_norm:
+        return "a LayerNorm on the embeddings (embed_norm): not exported to CTranslate2"
     if cfg.attn_window is not None:
         return (f"windowed attention (attn_window {cfg.attn_window}): CTranslate2's sliding_window only "
                 "bounds a decoder's cache, it cannot express a symmetric window in the encoder")
@@ -102,17 +115,18 @@ def _ffn(spec, layer: EncoderLayer | DecoderLayer) -> None:
     _layer_norm(spec.layer_norm, layer.res_ffn.norm)
 
 
-def _inputs(spec, tokens: nn.Embedding, positions: PositionalEncoding, d_model: int) -> None:
-    """Token embedding, its sqrt(d_model) scale and the explicit position table (row p: position p)."""
+def _inputs(spec, tokens: nn.Embedding, positions: PositionalEncoding, cfg: ModelConfig) -> None:
+    """Token embedding, its sqrt(d_model) scale (or none: `scale_embedding`) and the explicit position table
+    (row p: position p)."""
     embeddings = spec.embeddings[0] if isinstance(spec.embeddings, list) else spec.embeddings
     embeddings.weight = _array(tokens.weight)
-    spec.scale_embeddings = math.sqrt(d_model)
+    spec.scale_embeddings = math.sqrt(cfg.d_model) if cfg.scale_embedding else False
     spec.position_encodings.encodings = _array(positions.learned if positions.learned is not None else positions.table)
 
 
 def _stack(spec, stack: Encoder | Decoder, embedding: Embedding, cfg: ModelConfig) -> None:
     """An encoder or decoder stack of ours into its CTranslate2 layer spec."""
-    _inputs(spec, embedding.tokens, embedding.positions, cfg.d_model)
+    _inputs(spec, embedding.tokens, embedding.positions, cfg)
     for layer_spec, layer in zip(spec.layer, stack.layers):
         _self_attention(layer_spec.self_attention, layer)
         if isinstance(layer, DecoderLayer) and layer.cross_attn is not None:
@@ -124,6 +138,8 @@ def _stack(spec, stack: Encoder | Decoder, embedding: Embedding, cfg: ModelConfi
 
 def _projection(spec, model: EncoderDecoder | DecoderOnly, tokens: nn.Embedding) -> None:
     spec.projection.weight = _array(model.out_proj.weight if model.out_proj is not None else tokens.weight)
+    if model.out_bias is not None:  # `logits_bias` (Marian's final_logits_bias)
+        spec.projection.bias = _array(model.out_bias)
 
 
 class _Int8Grid:
@@ -161,28 +177,34 @@ class TransformerConverter(Converter):
     Raises `UserError` naming the feature when CTranslate2 cannot express the model.
     """
 
-    def __init__(self, model: EncoderDecoder | DecoderOnly, vocabulary: Sequence[str]) -> None:
-        """`vocabulary[i]`: the token string of id i (a tokenizer's pieces, in id order)."""
+    def __init__(self, model: EncoderDecoder | DecoderOnly, vocabulary: Sequence[str], unk: int = Tokenizer.UNK
+                 ) -> None:
+        """`vocabulary[i]`: the token string of id i (a tokenizer's pieces, in id order); `unk`: the unknown
+        token's id."""
         why = _refusal(model.cfg)
         if why is not None:
             raise UserError(f"cannot export to CTranslate2: {why}")
-        self.model, self.cfg, self.vocabulary = model, model.cfg, list(vocabulary)
+        self.model, self.cfg, self.vocabulary, self.unk = model, model.cfg, list(vocabulary), unk
         if len(self.vocabulary) != self.cfg.vocab_size:
             raise UserError(f"the tokenizer has {len(self.vocabulary)} pieces, the model {self.cfg.vocab_size} ids")
 
     def _load(self):
         cfg, model, vocabulary = self.cfg, self.model, self.vocabulary
+        activation = ACTIVATIONS[cfg.activation]
         if cfg.arch == "decoder":
             decoder = transformer_spec.TransformerDecoderSpec(
-                cfg.n_decoder_layers, cfg.n_heads, pre_norm=cfg.norm_first, with_encoder_attention=False)
+                cfg.n_decoder_layers, cfg.n_heads, pre_norm=cfg.norm_first, with_encoder_attention=False,
+                activation=activation)
             spec = _DecoderModelSpec(decoder)
             _stack(spec.decoder, model.decoder, model.embed, cfg)
             _projection(spec.decoder, model, model.embed.tokens)
             spec.register_vocabulary(vocabulary)
         else:
             spec = _TransformerSpec(
-                transformer_spec.TransformerEncoderSpec(cfg.n_encoder_layers, cfg.n_heads, pre_norm=cfg.norm_first),
-                transformer_spec.TransformerDecoderSpec(cfg.n_decoder_layers, cfg.n_heads, pre_norm=cfg.norm_first),
+                transformer_spec.TransformerEncoderSpec(cfg.n_encoder_layers, cfg.n_heads, pre_norm=cfg.norm_first,
+                                                        activation=activation),
+                transformer_spec.TransformerDecoderSpec(cfg.n_decoder_layers, cfg.n_heads, pre_norm=cfg.norm_first,
+                                                        activation=activation),
             )
             _stack(spec.encoder, model.encoder, model.src_embed, cfg)
             _stack(spec.decoder, model.decoder, model.tgt_embed, cfg)
@@ -192,7 +214,7 @@ class TransformerConverter(Converter):
             spec.config.decoder_start_token = vocabulary[cfg.bos_id]  # our BOS starts the target
             spec.config.add_source_eos = True  # our sources end with EOS (text.data.collate_source)
         spec.config.bos_token, spec.config.eos_token = vocabulary[cfg.bos_id], vocabulary[cfg.eos_id]
-        spec.config.unk_token = vocabulary[Tokenizer.UNK]
+        spec.config.unk_token = vocabulary[self.unk]
         spec.config.layer_norm_epsilon = cfg.layer_norm_eps
         return spec
 
@@ -204,7 +226,8 @@ def export_ctranslate2(
     (one of `QUANTIZATIONS`; None = float32), with the tokenizer and our config beside them."""
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise UserError(f"`quantization` {quantization}: choose one of {', '.join(QUANTIZATIONS)}")
-    conv = TransformerConverter(model, [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)])
+    unk = tokenizer.unk if isinstance(tokenizer, MarianTokenizer) else Tokenizer.UNK  # an imported one's own
+    conv = TransformerConverter(model, [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)], unk)
 
     def fill(tmp: Path) -> None:
         conv.convert(str(tmp), quantization=quantization, force=True)

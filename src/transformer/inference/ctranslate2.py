@@ -7,6 +7,8 @@ our search where CTranslate2 lets it:
   output EOS included; `SearchConfig.max_len_a/b`): CTranslate2 takes one
   `max_decoding_length` per call, so sentences are translated in groups of equal limit;
 - `min_len` is CTranslate2's `min_decoding_length` (0 allows an empty translation, as ours);
+- the pad token is never generated (`suppress_sequences`), as in our search: an imported Marian
+  model's decoder starts from it (the folder's `decoder_start_token`, our BOS);
 - greedy (beam 1) is CTranslate2's greedy search: the same tokens as ours in float32;
 - beam search: CTranslate2 ranks finished hypotheses by log P / n^length_penalty, ours by
   log P / ((5 + n) / 6)^alpha (GNMT); n counts the EOS in both here (`return_end_token`). The
@@ -150,6 +152,8 @@ class CTranslate2Translator:
             self.backend = backend_line(cpu_vendor(), cpu_flags(), os.environ.get("CT2_USE_MKL") or None, exact)
         self._pieces = [self.tokenizer.id_to_piece(i) for i in range(self.tokenizer.vocab_size)]
         self._ids = {piece: i for i, piece in enumerate(self._pieces)}
+        pad, eos = self.cfg.pad_id, self.cfg.eos_id
+        self._suppressed = [[self._pieces[pad]]] if pad != eos else None  # never generated (search.py)
 
     def translate(self, lines: list[str], search: SearchConfig, batch_size: int = 64,
                   source_name: str = "input") -> list[str]:
@@ -182,7 +186,7 @@ class CTranslate2Translator:
             results = self.translator.translate_batch(
                 [[self._pieces[t] for t in ids[i]] for i in group], max_batch_size=batch_size,
                 beam_size=search.beam, num_hypotheses=search.beam, length_penalty=self._penalty(search.alpha),
-                return_end_token=True, return_scores=True,
+                return_end_token=True, return_scores=True, suppress_sequences=self._suppressed,
                 max_decoding_length=limit, min_decoding_length=min(search.min_len, limit), max_input_length=0,
             )
             for i, result in zip(group, results):

@@ -12,13 +12,17 @@ import torch.nn.functional as F
 from transformer.errors import UserError
 from transformer.inference.sampling import stream
 from transformer.model.models import DecoderOnly
+from transformer.text.pretrained import HubTokenizer
 from transformer.text.tokenizer import Tokenizer
 
 NEWLINE = "\n"
 
 
 def encode_text(tokenizer: Tokenizer, text: str) -> torch.Tensor:
-    """The whole text as one 1-D tensor of token ids (encoded line by line: newlines are pieces anyway)."""
+    """The whole text as one 1-D tensor of token ids: our sentencepiece's line by line (newlines are pieces
+    anyway), an imported tokenizer's at once (GPT-2's byte-level BPE merges across lines, as "\\n\\n")."""
+    if isinstance(tokenizer, HubTokenizer):
+        return torch.tensor(tokenizer.encode([text])[0], dtype=torch.long)
     lines = text.split(NEWLINE)
     pieces = tokenizer.encode([line + NEWLINE for line in lines[:-1]] + ([lines[-1]] if lines[-1] else []))
     return torch.tensor([i for ids in pieces for i in ids], dtype=torch.long)

@@ -1,7 +1,8 @@
 """A BERT-style encoder as text in, text out: the likely fillers of each [MASK], and sentence vectors.
 
-Its vocabulary has the user symbols ``[MASK]`` = 4, ``[CLS]`` = 5, ``[SEP]`` = 6 after pad = 0,
-unk = 1, BOS = 2, EOS = 3 (`tasks.mlm` trains it); a sequence is ``[CLS] sentence [SEP]``.
+A sequence is ``[CLS] sentence [SEP]``; the ids of the three symbols are the tokenizer's. Our own
+vocabulary (`tasks.mlm` trains it) has the user symbols ``[MASK]`` = 4, ``[CLS]`` = 5, ``[SEP]`` = 6
+after pad = 0, unk = 1, BOS = 2, EOS = 3 (the constants below); an imported BERT's WordPiece has its own.
 """
 
 from __future__ import annotations
@@ -15,34 +16,60 @@ from transformer.text.data import pad
 from transformer.text.tokenizer import Tokenizer
 
 SYMBOLS = ("[MASK]", "[CLS]", "[SEP]")
-MASK, CLS, SEP = 4, 5, 6
+MASK, CLS, SEP = 4, 5, 6  # in our own vocabulary
 FIRST_REGULAR = 7  # ids below are special
 
 
-def _sequence(model: EncoderOnly, tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+def symbols(tokenizer: Tokenizer) -> tuple[int, int, int]:
+    """The ids of [MASK], [CLS] and [SEP] in `tokenizer` ((4, 5, 6) in ours); `UserError` when one is missing."""
+    ids = tuple(tokenizer.piece_to_id(s) for s in SYMBOLS)
+    for symbol, i in zip(SYMBOLS, ids):
+        if i < 0 or tokenizer.id_to_piece(i) != symbol:
+            raise UserError(f"the model's tokenizer has no {symbol} token")
+    return ids
+
+
+def _sequence(model: EncoderOnly, ids: list[int], cls: int, sep: int) -> list[int]:
     """[CLS] ids [SEP], or `UserError` when that is longer than the model takes."""
-    ids = [CLS, *ids, SEP]
+    ids = [cls, *ids, sep]
     if len(ids) > model.cfg.max_len:
         raise UserError(f"the text has {len(ids)} tokens, more than the model's {model.cfg.max_len}")
     return ids
 
 
+def _text_ids(tokenizer: Tokenizer, text: str, mask: int) -> list[int]:
+    """The ids of `text`. Our sentencepiece writes the space before "[MASK]" as a lone "▁" piece; in
+    training a masked word carries its space ("▁riding"), so the lone piece is dropped."""
+    ids = tokenizer.encode([text])[0]
+    if not isinstance(tokenizer, Tokenizer):
+        return ids
+    space = tokenizer.piece_to_id("▁")
+    return [t for i, t in enumerate(ids) if not (t == space and i + 1 < len(ids) and ids[i + 1] == mask)]
+
+
+def filler(tokenizer: Tokenizer, i: int) -> str:
+    """Token `i` as fill's text: a sentencepiece piece without its "▁", a special token as its piece,
+    another token detokenized alone (a WordPiece continuation keeps its "##", as "##ing")."""
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer.id_to_piece(i).replace("▁", " ").strip()
+    if i in tokenizer.special_ids:
+        return tokenizer.id_to_piece(i)
+    return tokenizer.decode([[i]])[0].strip()
+
+
 @torch.no_grad()
 def fill(model: EncoderOnly, tokenizer: Tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
     """For each [MASK] in `text`, the `top_k` most probable fillers (as text) and their probabilities."""
-    ids = tokenizer.encode([text])[0]
-    # sentencepiece writes the space before "[MASK]" as a lone "▁" piece; in training a masked
-    # word carries its space ("▁riding"), so the lone piece is dropped.
-    space = tokenizer.piece_to_id("▁")
-    ids = [t for i, t in enumerate(ids) if not (t == space and i + 1 < len(ids) and ids[i + 1] == MASK)]
-    if MASK not in ids:
+    mask, cls, sep = symbols(tokenizer)
+    ids = _text_ids(tokenizer, text, mask)
+    if mask not in ids:
         raise UserError("the text has no [MASK]")
-    tokens = torch.tensor([_sequence(model, tokenizer, ids)], device=next(model.parameters()).device)
+    tokens = torch.tensor([_sequence(model, ids, cls, sep)], device=next(model.parameters()).device)
     probs = model(tokens)[0].float().softmax(-1)  # (T, V)
     out = []
-    for pos in (tokens[0] == MASK).nonzero().flatten().tolist():
+    for pos in (tokens[0] == mask).nonzero().flatten().tolist():
         p, idx = probs[pos].topk(top_k)
-        out.append([(tokenizer.id_to_piece(i).replace("▁", " ").strip(), q) for i, q in zip(idx.tolist(), p.tolist())])
+        out.append([(filler(tokenizer, i), q) for i, q in zip(idx.tolist(), p.tolist())])
     return out
 
 
@@ -50,7 +77,8 @@ def fill(model: EncoderOnly, tokenizer: Tokenizer, text: str, top_k: int = 5) ->
 def embed(model: EncoderOnly, tokenizer: Tokenizer, texts: list[str], batch_size: int = 64) -> Tensor:
     """Sentence vectors (N, d_model): the mean of the encoder's last hidden states over each sentence's
     tokens, [CLS] and [SEP] included, padding excluded (float32, on the CPU)."""
-    seqs = [_sequence(model, tokenizer, ids) for ids in tokenizer.encode(texts)]
+    _, cls, sep = symbols(tokenizer)
+    seqs = [_sequence(model, ids, cls, sep) for ids in tokenizer.encode(texts)]
     device, out = next(model.parameters()).device, []
     for i in range(0, len(seqs), batch_size):
         tokens = pad(seqs[i : i + batch_size], model.cfg.pad_id).to(device)  # (B, T)

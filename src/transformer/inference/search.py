@@ -23,6 +23,10 @@ Choices the paper leaves open (it gives beam 4, alpha 0.6, max length input + 50
 - `min_len` forbids EOS until a sentence has that many tokens (the EOS log-probability is
   set to -inf), as Hugging Face's `min_new_tokens` and CTranslate2's `min_decoding_length`;
   the maximum length still wins.
+- The pad token is never generated (its logit, or in beam search its log-probability after the
+  softmax, is set to -inf), as OPUS-MT's `bad_words_ids` [[pad]] in Hugging Face's generation:
+  an imported Marian model starts decoding from its pad token (our BOS there), which it is not
+  trained to produce. A model whose pad is its EOS (a GPT-2 captioner) keeps its EOS.
 
 The searches rely only on the small `Seq2Seq` interface below, which `EncoderDecoder`
 has (and the captioners of `model/captioner.py`, whose source is a batch of images
@@ -136,7 +140,7 @@ def _strip_eos(tokens: list[int], eos: int) -> list[int]:
 @torch.no_grad()
 def greedy_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[int]]:
     """src (B, S) right-padded source ids -> B translations (token ids without BOS/EOS)."""
-    bos, eos = model.cfg.bos_id, model.cfg.eos_id
+    bos, eos, pad = model.cfg.bos_id, model.cfg.eos_id, model.cfg.pad_id
     memory, memory_mask = model.encode(src)  # (B, S, d), (B, 1, 1, S)
     memory_mask = _masking(memory_mask)
     limits = max_lengths(model, src, cfg)  # (B,)
@@ -150,6 +154,8 @@ def greedy_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[i
         logits = model.project(model.decode(tokens[:, t - 1 : t], memory, memory_mask, cache))[:, -1]  # (B, V)
         if t <= cfg.min_len:
             logits[:, eos] = -math.inf
+        if pad != eos:
+            logits[:, pad] = -math.inf
         word = logits.max(dim=-1).indices  # (B,) the first maximum, as argmax, but 3-4x faster on CPU
         tokens[:, t] = word
         done = (word == eos) | (limits == t)  # (B,)
@@ -181,7 +187,7 @@ def beam_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[Hyp
     one per beam.
     """
     k, b, device = cfg.beam, src.size(0), src.device
-    bos, eos = model.cfg.bos_id, model.cfg.eos_id
+    bos, eos, pad = model.cfg.bos_id, model.cfg.eos_id, model.cfg.pad_id
     memory, memory_mask, shared = _beam_memory(model, src, k)  # (B or B·K, S, d)
     limits = max_lengths(model, src, cfg)  # (B,)
     ids = torch.arange(b, device=device)  # the sentence of each live sentence slot
@@ -207,6 +213,8 @@ def beam_search(model: Seq2Seq, src: Tensor, cfg: SearchConfig) -> list[list[Hyp
         log_probs = F.log_softmax(logits.float(), dim=-1)  # (N·K, V)
         if step <= cfg.min_len:
             log_probs[:, eos] = -math.inf
+        if pad != eos:
+            log_probs[:, pad] = -math.inf
         candidates = scores.view(-1, 1) + log_probs  # (N·K, V)
         top, index = candidates.view(n, k * vocab).topk(2 * k, dim=1)  # (N, 2K)
         rows = index // vocab + (torch.arange(n, device=device) * k)[:, None]  # (N, 2K) beam row extended

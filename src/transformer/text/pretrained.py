@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import sentencepiece as spm
@@ -24,15 +25,53 @@ import sentencepiece as spm
 from transformer.errors import UserError
 
 HUB, MARIAN = "huggingface-tokenizers", "marian-sentencepiece"
+SPACE = "\u2581"  # SentencePiece's word boundary
 
 
 class HubTokenizer:
     """Text <-> ids through a `tokenizers.Tokenizer`; `unk` is the id of its unknown token (or None)."""
 
     def __init__(self, tokenizer: Any, unk: str | None = None) -> None:
+        tokenizer.no_padding()  # ids are padded by the callers, and never cut
+        tokenizer.no_truncation()
         self._tok = tokenizer
         self._unk = unk
-        self.special_ids = {t.id for t in _added_tokens(tokenizer) if t.special}
+        self.special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+
+    @classmethod
+    def from_file(cls, file: Path, unk: str | None = None) -> "HubTokenizer":
+        """The tokenizer of a tokenizer.json; `UserError` naming the file when it is not one."""
+        try:
+            return cls.from_json(file.read_text(encoding="utf-8"), unk)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"{file}: cannot read: {' '.join(str(e).split())}") from None
+
+    @classmethod
+    def wordpiece(cls, vocab: Path, specials: list[str], unk: str, lowercase: bool = True,
+                  strip_accents: bool | None = None, chinese_chars: bool = True) -> "HubTokenizer":
+        """BERT's WordPiece from its vocab.txt (one token a line, the line's number its id), as BERT's own
+        tokenizer splits: cleaned text, CJK characters apart, lowercased (and accents stripped, unless
+        `strip_accents` says otherwise) when `lowercase`, words and punctuation, then the longest pieces."""
+        from tokenizers import Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers
+
+        backend = Backend(_read_model(lambda: models.WordPiece.from_file(str(vocab), unk_token=unk), vocab))
+        backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=chinese_chars,
+                                                        strip_accents=strip_accents, lowercase=lowercase)
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.decoder = decoders.WordPiece(prefix="##")
+        return cls(_with_specials(backend, specials), unk)
+
+    @classmethod
+    def byte_level_bpe(cls, vocab: Path, merges: Path, specials: list[str],
+                       add_prefix_space: bool = False) -> "HubTokenizer":
+        """GPT-2's byte-level BPE from its vocab.json and merges.txt: the text's UTF-8 bytes as 256 symbols,
+        split by GPT-2's pattern (words, numbers, punctuation, runs of spaces), then merged."""
+        from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers
+
+        backend = Backend(_read_model(lambda: models.BPE.from_file(str(vocab), str(merges)), vocab))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True)
+        backend.decoder = decoders.ByteLevel()
+        return cls(_with_specials(backend, specials))
 
     @classmethod
     def from_json(cls, text: str, unk: str | None = None) -> "HubTokenizer":
@@ -78,8 +117,20 @@ class HubTokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
 
-def _added_tokens(tokenizer: Any) -> list:
-    return list(tokenizer.get_added_tokens_decoder().values())
+def _read_model(read: Callable[[], Any], file: Path) -> Any:
+    """The `tokenizers` model that `read()` makes from `file`; `UserError` naming the file when it fails."""
+    try:
+        return read()
+    except Exception as e:  # the library raises its own exception type for a bad file
+        raise UserError(f"{file}: cannot read: {' '.join(str(e).split())}") from None
+
+
+def _with_specials(backend: Any, specials: list[str]) -> Any:
+    """`backend` with `specials` as special tokens: matched whole in the raw text, dropped by `decode`."""
+    from tokenizers import AddedToken
+
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(specials)])
+    return backend
 
 
 class MarianTokenizer:
@@ -92,6 +143,16 @@ class MarianTokenizer:
         self._pieces = {i: p for p, i in vocab.items()}
         self.unk = unk
         self.special_ids = set(specials)
+
+    @property
+    def source_bytes(self) -> bytes:
+        """The source SentencePiece model (source.spm)."""
+        return self._source_bytes
+
+    @property
+    def target_bytes(self) -> bytes:
+        """The target SentencePiece model (target.spm)."""
+        return self._target_bytes
 
     def to_bytes(self) -> bytes:
         return json.dumps({
@@ -123,9 +184,12 @@ class MarianTokenizer:
                         "tokenizer has two")
 
     def decode(self, ids: list[list[int]]) -> list[str]:
-        """Target text of each id list (the target SentencePiece model), special tokens dropped."""
-        return [self._target.decode_pieces([self._pieces.get(int(i), "") for i in seq
-                                            if int(i) not in self.special_ids]) for seq in ids]
+        """Target text of each id list, special tokens dropped, as Hugging Face's ``batch_decode(ids,
+        skip_special_tokens=True)``: the pieces through the target SentencePiece model, then any ``▁`` left
+        (a piece that model does not know, such as a source-only piece of the shared vocabulary) as a
+        space, and the ends stripped."""
+        return [self._target.decode_pieces([self._pieces.get(int(i), "") for i in seq if int(i) not in
+                                            self.special_ids]).replace(SPACE, " ").strip() for seq in ids]
 
     def id_to_piece(self, i: int) -> str:
         return self._pieces.get(int(i), "")
