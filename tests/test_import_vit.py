@@ -129,7 +129,7 @@ def test_load_and_predict_like_the_huggingface_processor(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"hidden_act": "quick_gelu"}, "hidden_act 'quick_gelu': not supported"),
+    ({"hidden_act": "quick_gelu"}, "hidden_act 'quick_gelu': the activations imported are gelu, "),
     ({"image_size": 30}, "image_size 30: not a whole number of patches of 8x8"),
     ({"patch_size": [8, 4]}, r"patch_size \[8, 4\]: our ViT takes square patches only"),
     ({"num_attention_heads": 5}, "d_model=32 is not divisible by n_heads=5"),

@@ -24,8 +24,8 @@ from torch import Tensor
 from transformer.config import ModelConfig
 from transformer.errors import UserError
 from transformer.pretrained import Converted
-from transformer.pretrained.bert import (activation, affine, check_vocabulary, output_projection, token_name,
-                                         tokenizer_options)
+from transformer.pretrained.common import (activation, affine, check_vocabulary, output_projection, token_name,
+                                           tokenizer_options)
 from transformer.pretrained.folder import HFFolder
 from transformer.text.pretrained import HubTokenizer
 

@@ -26,11 +26,9 @@ from torch import Tensor
 from transformer.config import VisionConfig
 from transformer.errors import UserError
 from transformer.pretrained import Converted
+from transformer.pretrained.common import activation
 from transformer.pretrained.folder import HFFolder, read_json
 
-# Hugging Face's hidden_act -> our FFN activation (the same function).
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
-               "silu": "swish", "swish": "swish"}
 PREFIX = "vit."  # ViTForImageClassification's backbone; a bare ViTModel has none
 PREPROCESSOR = "preprocessor_config.json"
 
@@ -82,9 +80,7 @@ def vision_config(folder: HFFolder) -> VisionConfig:
     if height % patch_h or width % patch_w:
         folder.refuse("image_size", folder.option("image_size"),
                       f"not a whole number of patches of {patch_h}x{patch_w} (our ViT uses every pixel)")
-    act = folder.option("hidden_act", "gelu")
-    if act not in ACTIVATIONS:
-        folder.refuse("hidden_act", act, f"not supported; the activations are {', '.join(ACTIVATIONS)}")
+    act = activation(folder, "hidden_act", "gelu")
     d = folder.need("hidden_size")
     classes = folder.tensor("classifier.weight").shape[0]
     try:
@@ -92,7 +88,7 @@ def vision_config(folder: HFFolder) -> VisionConfig:
             image_height=height, image_width=width, channels=folder.option("num_channels", 3), patch_size=patch_h,
             d_model=d, n_heads=folder.need("num_attention_heads"), d_ff=folder.option("intermediate_size", 4 * d),
             n_layers=folder.need("num_hidden_layers"), dropout=float(folder.option("hidden_dropout_prob", 0.0)),
-            norm_first=True, activation=ACTIVATIONS[act], pool="cls", positions="learned", n_classes=classes,
+            norm_first=True, activation=act, pool="cls", positions="learned", n_classes=classes,
             layer_norm_eps=float(folder.option("layer_norm_eps", 1e-12)))
     except UserError as e:
         raise UserError(f"{folder.path / 'config.json'}: {e}") from None
