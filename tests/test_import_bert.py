@@ -243,3 +243,23 @@ def test_refused_tensors(tmp_path, pretraining, hf_tokenizer):
     small = edited(pretraining[0], tmp_path / "small", vocab_size=100)
     with pytest.raises(UserError, match=f"the tokenizer has {len(hf_tokenizer)} tokens, the model's vocab_size is 100"):
         convert_folder(small)
+
+
+def test_mlm_train_fine_tunes_the_imported_model(imported, tmp_path):
+    """`mlm train --init` on the imported BERT masks with its WordPiece ids ([MASK], specials never chosen)
+    and trains: the validation loss on masked tokens falls."""
+    from transformer.store.modeldir import load_model_dir
+    from transformer.tasks.mlm import specials
+
+    _, cfg, tokenizer, _ = load_model_dir(imported)
+    ids = specials(tokenizer, cfg.pad_id)
+    assert ids.mask == tokenizer.piece_to_id("[MASK]") and ids.first_regular > max(ids.mask, ids.cls, ids.sep)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(_lines(0, 300)) + "\n", encoding="utf-8")
+    out = tmp_path / "ft"
+    assert main(["mlm", "train", "--text", str(text), "--out", str(out), "--init", str(imported),
+                 "--batch-size", "16", "--lr", "3e-3", "--warmup", "2", "--max-steps", "12", "--valid-every", "6",
+                 "--no-progress"]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    valid = [r["loss"] for r in records if r["kind"] == "valid"]
+    assert len(valid) == 2 and valid[1] < valid[0]

@@ -3,6 +3,7 @@ perplexity equal Hugging Face's, on tiny random models (no downloads)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -178,3 +179,19 @@ def test_refused_tensors(tmp_path, gpt2):
     untied = edited(gpt2[0], tmp_path / "untied", tie_word_embeddings=False)  # and no lm_head.weight stored
     with pytest.raises(UserError, match="no tensor lm_head.weight"):
         convert_folder(untied)
+
+
+def test_lm_train_fine_tunes_the_imported_model(imported, tmp_path):
+    """`lm train --init` on the imported GPT-2: windows of --block-size within its block, its own byte-level
+    BPE, and the validation loss falls from the imported model's."""
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(_lines(0, 400)) + "\n", encoding="utf-8")
+    out = tmp_path / "ft"
+    assert main(["lm", "train", "--text", str(text), "--out", str(out), "--init", str(imported), "--block-size",
+                 "32", "--batch-size", "4", "--lr", "3e-3", "--warmup", "2", "--max-steps", "12",
+                 "--valid-every", "6", "--eval-batches", "2", "--no-progress"]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    valid = [r["loss"] for r in records if r["kind"] == "valid"]
+    first = [r["loss"] for r in records if r["kind"] == "train"][0]
+    assert len(valid) == 2 and valid[-1] < first
+    assert (out / "tokenizer.model").read_bytes() == (imported / "tokenizer.model").read_bytes()

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from transformer.config import ModelConfig
 from transformer.errors import UserError
-from transformer.inference.masked import CLS, FIRST_REGULAR, MASK, SEP, SYMBOLS
+from transformer.inference.masked import CLS, FIRST_REGULAR, MASK, SEP, SYMBOLS, symbols
 from transformer.model.models import EncoderOnly
 from transformer.text.data import pad, read_lines
 from transformer.text.tokenizer import Tokenizer
@@ -80,10 +80,7 @@ class Specials:
 def specials(tokenizer: Tokenizer, pad_id: int) -> Specials:
     """The `Specials` of `tokenizer` (regular ids: those after every special one); `UserError` when its
     vocabulary lacks [MASK], [CLS] or [SEP]."""
-    ids = [tokenizer.piece_to_id(symbol) for symbol in SYMBOLS]
-    for symbol, i in zip(SYMBOLS, ids):
-        if i < 0 or tokenizer.id_to_piece(i) != symbol:
-            raise UserError(f"the model's vocabulary has no {symbol} token")
+    ids = symbols(tokenizer)
     return Specials(*ids, pad_id, max({*tokenizer.special_ids, *ids, pad_id}) + 1)
 
 
