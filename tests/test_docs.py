@@ -73,6 +73,7 @@ SHRINK: dict[str, list[str]] = {
     "average": [],
     "plot": [],
     "export": [],
+    "import": [],
 }
 # Programs that run as written (`python` only as `python -c`).
 PLAIN = {"echo", "printf", "cat", "head", "ls", "mkdir", "cp", "python -c"}
