@@ -1,4 +1,5 @@
-"""A BERT-style encoder as text in, text out: the likely fillers of each [MASK], and sentence vectors.
+"""A BERT-style encoder as text in, text out: the likely fillers of each [MASK], sentence vectors, and
+P(IsNext) of a pair of texts (a model with the next-sentence head).
 
 A sequence is ``[CLS] sentence [SEP]``; the ids of the three symbols are the tokenizer's. Our own
 vocabulary (`tasks.mlm` trains it) has the user symbols ``[MASK]`` = 4, ``[CLS]`` = 5, ``[SEP]`` = 6
@@ -86,3 +87,19 @@ def embed(model: EncoderOnly, tokenizer: Tokenizer, texts: list[str], batch_size
         h = model.hidden(tokens).float()  # (B, T, d_model)
         out.append(((h * keep).sum(1) / keep.sum(1)).cpu())
     return torch.cat(out) if out else torch.zeros(0, model.cfg.d_model)
+
+
+@torch.no_grad()
+def next_sentence(model: EncoderOnly, tokenizer: Tokenizer, a: str, b: str) -> float:
+    """P(IsNext): the probability, by the model's next-sentence head, that `b` follows `a`; the input is
+    ``[CLS] a [SEP] b [SEP]`` with segment 0 for ``[CLS] a [SEP]`` and 1 for ``b [SEP]``. `UserError` for a
+    model without the head or a pair longer than the model takes."""
+    if not model.cfg.next_sentence:
+        raise UserError("the model has no next-sentence head; train one with `transformer mlm train --nsp`")
+    _, cls, sep = symbols(tokenizer)
+    ids_a, ids_b = tokenizer.encode([a, b])
+    ids = _sequence(model, [*ids_a, sep, *ids_b], cls, sep)
+    device = next(model.parameters()).device
+    tokens = torch.tensor([ids], device=device)  # (1, T)
+    segments = torch.tensor([[0] * (len(ids_a) + 2) + [1] * (len(ids_b) + 1)], device=device)  # (1, T)
+    return model.next_sentence(model.hidden(tokens, segments=segments))[0].float().softmax(-1)[0].item()
