@@ -320,9 +320,10 @@ def test_the_cli_shows_flags_where_python_names_settings(tmp_path, capsys):
 
 def test_the_public_surface_is_exactly_the_interface():
     assert set(transformer.__all__) == {
-        "load", "train", "Translator", "LanguageModel", "MaskedLM", "ImageClassifier", "Captioner", "Error",
+        "load", "train", "Translator", "LanguageModel", "MaskedLM", "TextClassifier", "ImageClassifier", "Captioner",
+        "Error",
         "UserError", "ModelConfig", "VisionConfig", "preset", "vision_preset", "PRESETS", "TranslationConfig",
-        "LMConfig", "MLMConfig", "ViTConfig", "CaptionTrainConfig", "LoopConfig", "OptimConfig"}
+        "LMConfig", "MLMConfig", "ViTConfig", "CaptionTrainConfig", "ClassifyConfig", "LoopConfig", "OptimConfig"}
     for name in transformer.__all__:
         value = getattr(transformer, name)
         assert isinstance(value, dict) or value.__doc__, name

@@ -64,7 +64,7 @@ def test_config_file_gives_flags_and_the_command_line_overrides_it(data, tmp_pat
 @pytest.mark.parametrize("content, problem", [
     ("warmpu = 3\n", "warmpu: not a flag of this command"),
     ("warmup = 'many'\n", "warmup: 'many' is not a value of --warmup"),
-    ("schedule = 'linear'\n", "choose one of"),
+    ("schedule = 'exponential'\n", "choose one of"),
     ("norm_first = 1\n", "norm_first: 1 is not a value"),
     ("warmup = \n", "not valid TOML"),
 ])

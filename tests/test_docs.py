@@ -47,7 +47,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-TASKS = ("translation", "lm", "mlm", "vit", "caption")
+TASKS = ("translation", "lm", "mlm", "classify", "vit", "caption")
 STEPS = ["--max-steps", "2", "--valid-every", "2", "--no-progress"]
 SEARCH = ["--max-len-a", "0", "--max-len-b", "8"]  # an untrained model never stops by itself: keep outputs short
 
@@ -63,6 +63,9 @@ SHRINK: dict[str, list[str]] = {
     "lm sample": ["--tokens", "20"],
     "mlm train": [*STEPS, "--preset", "tiny", "--vocab-size", "500"],
     "mlm fill": [],
+    "classify train": STEPS,
+    "classify predict": [],
+    "classify evaluate": [],
     "vit train": STEPS,
     "vit predict": [],
     "vit attention": [],

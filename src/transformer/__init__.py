@@ -34,13 +34,15 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE))
 _PUBLIC = {
     "load": "transformer.api.load", "train": "transformer.api.train",
     "Translator": "transformer.api.text", "LanguageModel": "transformer.api.text", "MaskedLM": "transformer.api.text",
+    "TextClassifier": "transformer.api.text",
     "ImageClassifier": "transformer.api.vision", "Captioner": "transformer.api.vision",
     "Error": "transformer.errors", "UserError": "transformer.errors",
     "ModelConfig": "transformer.config", "VisionConfig": "transformer.config", "preset": "transformer.config",
     "vision_preset": "transformer.config", "PRESETS": "transformer.config",
     "TranslationConfig": "transformer.tasks.translation", "LMConfig": "transformer.tasks.lm",
     "MLMConfig": "transformer.tasks.mlm", "ViTConfig": "transformer.tasks.vision",
-    "CaptionTrainConfig": "transformer.tasks.caption", "LoopConfig": "transformer.training.loop",
+    "CaptionTrainConfig": "transformer.tasks.caption", "ClassifyConfig": "transformer.tasks.classify",
+    "LoopConfig": "transformer.training.loop",
     "OptimConfig": "transformer.training.optim",
 }
 __all__ = list(_PUBLIC)
@@ -60,12 +62,13 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from transformer.api.load import load  # noqa: F401
-    from transformer.api.text import LanguageModel, MaskedLM, Translator  # noqa: F401
+    from transformer.api.text import LanguageModel, MaskedLM, TextClassifier, Translator  # noqa: F401
     from transformer.api.train import train  # noqa: F401
     from transformer.api.vision import Captioner, ImageClassifier  # noqa: F401
     from transformer.config import PRESETS, ModelConfig, VisionConfig, preset, vision_preset  # noqa: F401
     from transformer.errors import Error, UserError  # noqa: F401
     from transformer.tasks.caption import CaptionTrainConfig  # noqa: F401
+    from transformer.tasks.classify import ClassifyConfig  # noqa: F401
     from transformer.tasks.lm import LMConfig  # noqa: F401
     from transformer.tasks.mlm import MLMConfig  # noqa: F401
     from transformer.tasks.translation import TranslationConfig  # noqa: F401

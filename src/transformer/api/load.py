@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformer.api.text import LanguageModel, MaskedLM, Translator
+from transformer.api.text import LanguageModel, MaskedLM, TextClassifier, Translator
 from transformer.api.vision import Captioner, ImageClassifier
 from transformer.device import resolve_device
 from transformer.errors import UserError
@@ -14,18 +14,18 @@ from transformer.inference.search import SearchConfig
 from transformer.serve.engine import CTranslate2Engine, Engine, TorchEngine
 from transformer.store import kinds, modeldir
 
-Model = Translator | LanguageModel | MaskedLM | ImageClassifier | Captioner
+Model = Translator | LanguageModel | MaskedLM | TextClassifier | ImageClassifier | Captioner
 KIND_NAMES = {"translation": "a translation model", "lm": "a language model", "mlm": "a BERT-style masked LM",
-              "vit": "an image classifier (ViT)", "captioner": "a captioner", "ctranslate2": "a CTranslate2 export",
-              "huggingface": "a Hugging Face folder"}
+              "classifier": "a text classifier", "vit": "an image classifier (ViT)", "captioner": "a captioner",
+              "ctranslate2": "a CTranslate2 export", "huggingface": "a Hugging Face folder"}
 
 
 def load(path: str | Path, device: str = "auto", precision: str = "auto", quantize: str | None = None,
          compile: bool = False, engine: str = "auto", threads: int | None = None) -> Model:
     """The model in `path` (a training run directory, one of its checkpoints, an averaged model, a folder of
     `transformer export --to ctranslate2`, or a Hugging Face folder of a family `transformer import` takes,
-    converted in memory) as a `Translator`, `LanguageModel`, `MaskedLM`, `ImageClassifier` or `Captioner`,
-    after the kind its config says.
+    converted in memory) as a `Translator`, `LanguageModel`, `MaskedLM`, `TextClassifier`, `ImageClassifier` or
+    `Captioner`, after the kind its config says.
 
     `device`: auto (a CUDA GPU when there is one), cpu, cuda or cuda:N. For translation: `precision` auto
     (bf16 where native for decoding: a GPU), fp32 or bf16; `quantize` None or "int8" (dynamic int8 on the
@@ -59,6 +59,9 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", quanti
     if kind == "captioner":
         model, cfg, _ = kinds.load_captioner(path, where)
         return Captioner(cfg, kinds.load_tokenizer(path), model)
+    if kind == "classifier":
+        model, cfg, tokenizer, meta = kinds.load_text_classifier(path, where)
+        return TextClassifier(cfg, tokenizer, model, meta)
     model, cfg, tokenizer, _ = modeldir.load_model_dir(path, where)
     return _text_model(kind, cfg, tokenizer, model, precision, quantize, compile)
 
@@ -91,8 +94,8 @@ def load_as(cls: type, path: str | Path, **options) -> Model:
     """`load`, refusing (`UserError`) a model that is not a `cls`."""
     model = load(path, **options)
     if not isinstance(model, cls):
-        wanted = {Translator: "translation", LanguageModel: "lm", MaskedLM: "mlm", ImageClassifier: "vit",
-                  Captioner: "captioner"}[cls]
+        wanted = {Translator: "translation", LanguageModel: "lm", MaskedLM: "mlm", TextClassifier: "classifier",
+                  ImageClassifier: "vit", Captioner: "captioner"}[cls]
         raise UserError(f"{path}: not {KIND_NAMES[wanted]}; it holds {KIND_NAMES[kinds.model_kind(path)]}")
     return model
 

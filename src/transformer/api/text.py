@@ -1,4 +1,5 @@
-"""The text models from Python: `Translator`, `LanguageModel`, `MaskedLM` (made by `transformer.load`)."""
+"""The text models from Python: `Translator`, `LanguageModel`, `MaskedLM`, `TextClassifier` (made by
+`transformer.load`)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from torch import nn
 from transformer.config import ModelConfig
 from transformer.errors import UserError
 from transformer.inference import lm, masked
+from transformer.inference.classify_text import encode, probabilities
 from transformer.inference.ctranslate2 import CTranslate2Translator
 from transformer.inference.search import SearchConfig, beam_search
 from transformer.inference.translate import score_pairs, translate_lines
 from transformer.report.attention_maps import AttentionMaps, attention_maps
+from transformer.tasks.classify import evaluate, examples_of
 from transformer.text.data import collate_source
 from transformer.text.tokenizer import Tokenizer
 
@@ -178,3 +181,47 @@ class MaskedLM:
         last hidden states over the sentence's tokens ([CLS] and [SEP] included)."""
         vectors = masked.embed(self.model, self.tokenizer, texts_of(texts), batch_size)
         return vectors[0] if isinstance(texts, str) else vectors
+
+    def next_sentence(self, a: str, b: str) -> float:
+        """P(IsNext): the probability that text `b` follows text `a`, by the next-sentence head of a model trained
+        with `mlm train --nsp` (or an imported BERT with its head); `UserError` for a model without one."""
+        return masked.next_sentence(self.model, self.tokenizer, texts_of(a, "a")[0], texts_of(b, "b")[0])
+
+
+class TextClassifier:
+    """A BERT-style encoder fine-tuned to label texts or text pairs (`transformer classify train`). Made by
+    `transformer.load`; `config` (the encoder's `ModelConfig`), `tokenizer`, `model`, `labels` (the label
+    names, index = class id), `pairs` (whether it classifies text pairs), `pool` ("cls" or "mean")."""
+
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, model: nn.Module, meta: dict) -> None:
+        self.config, self.tokenizer, self.model = config, tokenizer, model
+        task = meta["classify"]
+        self.labels, self.pairs, self.pool, self._meta = list(task["labels"]), bool(task["pairs"]), task["pool"], meta
+
+    def _probs(self, texts, batch_size: int) -> tuple[torch.Tensor, bool]:
+        """(probabilities (N, labels), whether one example was given) of a str, a (a, b) tuple, or a list."""
+        one = isinstance(texts, (str, tuple))
+        items = [texts] if one else texts
+        if not isinstance(items, list) or not items:
+            raise UserError("`texts`: give a str, a (str, str) pair, or a non-empty list of them")
+        seqs = encode(self.tokenizer, examples_of(items, self.pairs, "texts"), self.config.max_len)
+        return probabilities(self.model, seqs, batch_size), one
+
+    def predict(self, texts, batch_size: int = 64) -> tuple[str, float] | list[tuple[str, float]]:
+        """(label, its probability) of a text (a str; for a pair model an (a, b) tuple), or of each of a list."""
+        probs, one = self._probs(texts, batch_size)
+        best = probs.max(-1)
+        out = [(self.labels[i], p) for i, p in zip(best.indices.tolist(), best.values.tolist())]
+        return out[0] if one else out
+
+    def probabilities(self, texts, batch_size: int = 64) -> dict[str, float] | list[dict[str, float]]:
+        """{label: probability} of a text (or pair), or of each of a list, in the order of `labels`."""
+        probs, one = self._probs(texts, batch_size)
+        out = [dict(zip(self.labels, row)) for row in probs.tolist()]
+        return out[0] if one else out
+
+    def evaluate(self, path, batch_size: int = 64) -> dict:
+        """Accuracy, macro-F1, each label's precision, recall and F1, and the confusion matrix (rows: the true
+        label) on a labelled TSV file (`text<TAB>label`, or `text_a<TAB>text_b<TAB>label`), as
+        `transformer classify evaluate --json` prints them."""
+        return evaluate(self.model, self.tokenizer, self._meta, path, batch_size)

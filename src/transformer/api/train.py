@@ -8,13 +8,14 @@ from typing import Callable
 from transformer.config import ModelConfig, VisionConfig, preset, vision_preset
 from transformer.errors import UserError
 from transformer.tasks.caption import CaptionTrainConfig, train_captioner
+from transformer.tasks.classify import ClassifyConfig, train_classifier
 from transformer.tasks.lm import LMConfig, train_lm
 from transformer.tasks.mlm import MLMConfig, train_mlm
 from transformer.tasks.translation import TranslationConfig
 from transformer.tasks.translation import train as train_translation
 from transformer.tasks.vision import ViTConfig, train_vit
 
-TaskConfig = TranslationConfig | LMConfig | MLMConfig | ViTConfig | CaptionTrainConfig
+TaskConfig = TranslationConfig | LMConfig | MLMConfig | ViTConfig | CaptionTrainConfig | ClassifyConfig
 
 
 def _vision_shape(model: str | VisionConfig | None, default: str) -> Callable[..., VisionConfig]:
@@ -30,13 +31,17 @@ def train(config: TaskConfig, model: ModelConfig | VisionConfig | str | None = N
     best model (give it to `transformer.load`).
 
     `config`: the task's config (`TranslationConfig`, `LMConfig`, `MLMConfig`, `ViTConfig`,
-    `CaptionTrainConfig`), with a `LoopConfig` as its `loop` (out, steps or minutes, optimiser, ...).
+    `CaptionTrainConfig`, `ClassifyConfig`), with a `LoopConfig` as its `loop` (out, steps or minutes, optimiser, ...).
     `model`: the shape, a `ModelConfig` (text tasks; default: the `small` preset, `preset("small")`) or,
     for a ViT or a captioner's image encoder, a `VisionConfig` or a vision preset's name (default
     "tiny"); what the data decides (the vocabulary, the image size, the classes) is set from the data.
     `say` gets the progress lines (the command line's). The run is locked, resumable, and written
     atomically, as from the command line; a problem is a `UserError`.
     """
+    if isinstance(config, ClassifyConfig):  # its shape is the pre-trained encoder's (`config.model`)
+        if model is not None:
+            raise UserError("`model`: a classifier takes the shape of its pre-trained encoder (`config.model`)")
+        return train_classifier(config, say=say)
     if isinstance(config, (TranslationConfig, LMConfig, MLMConfig)):
         if model is not None and not isinstance(model, ModelConfig):
             raise UserError(f"`model`: a text task's shape is a ModelConfig, not {type(model).__name__}")
@@ -53,4 +58,4 @@ def train(config: TaskConfig, model: ModelConfig | VisionConfig | str | None = N
     if isinstance(config, CaptionTrainConfig):
         return train_captioner(config, None if model is None else _vision_shape(model, "tiny"), say=say)
     raise UserError(f"`config`: not a task's config ({type(config).__name__}); give a TranslationConfig, "
-                    "LMConfig, MLMConfig, ViTConfig or CaptionTrainConfig")
+                    "LMConfig, MLMConfig, ViTConfig, CaptionTrainConfig or ClassifyConfig")

@@ -1,6 +1,7 @@
 """The `transformer` command line: a thin layer over the library.
 
-One grammar: ``transformer TASK VERB [flags]``, TASK one of ``translation``, ``lm``, ``mlm``, ``vit``, ``caption``;
+One grammar: ``transformer TASK VERB [flags]``, TASK one of ``translation``, ``lm``, ``mlm``, ``classify``, ``vit``,
+``caption``;
 translation is the default task, so ``transformer preprocess|train|translate|evaluate|attention|quickstart|serve``
 mean ``transformer translation VERB``. ``params``, ``average``, ``plot`` and ``export`` work on any
 model or run. Every flag is declared once (`transformer.cli.flags`); training commands
@@ -16,11 +17,11 @@ import argparse
 import os
 import sys
 
-from transformer.cli import caption, export, flags, lm, mlm, tools, translation, vit
+from transformer.cli import caption, classify, export, flags, lm, mlm, tools, translation, vit
 from transformer.cli.common import ArgumentsError, Parser, one_line
 from transformer.errors import Error, UserError
 
-TASKS = {"translation": translation, "lm": lm, "mlm": mlm, "vit": vit, "caption": caption}
+TASKS = {"translation": translation, "lm": lm, "mlm": mlm, "classify": classify, "vit": vit, "caption": caption}
 TRANSLATION_VERBS = ("preprocess", "train", "translate", "evaluate", "attention", "quickstart", "serve")
 
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         "translation": "Translation (the default task): preprocess, train, translate, evaluate, attention, quickstart, serve.",
         "lm": "GPT-style decoder-only language model: train on a text file, sample from it.",
         "mlm": "BERT-style encoder-only masked language model: train on sentences, fill in [MASK].",
+        "classify": "Fine-tune a masked language model to label texts or text pairs: train, predict, evaluate.",
         "vit": "Vision Transformer: classify images (a folder, or a bundled set); predict, attention.",
         "caption": "Image to text: a ViT and a Q-Former or Flamingo bridge to a frozen LM; generate, attention.",
     }

@@ -159,12 +159,14 @@ def loop(p: argparse.ArgumentParser) -> None:
                    help="peak learning rate (translation: default the paper's (d_model*warmup)^-0.5)")
     g.add_argument("--lr-scale", type=number(float, 0, above=True), default=1.0,
                    help="multiplies the peak learning rate")
-    g.add_argument("--schedule", choices=["inverse-sqrt", "cosine", "constant"],
-                   help="after warm-up: the paper's inverse square root, cosine decay to --min-lr, or constant")
+    g.add_argument("--schedule", choices=["inverse-sqrt", "cosine", "linear", "constant"],
+                   help="after warm-up: the paper's inverse square root, cosine or linear decay to --min-lr, or "
+                        "constant")
     g.add_argument("--warmup", type=number(int, 0), help="linear warm-up steps")
     g.add_argument("--decay-steps", type=number(int, 1),
-                   help="cosine: step where --min-lr is reached (default: --max-steps)")
-    g.add_argument("--min-lr", type=number(float, 0), help="cosine: final learning rate (default: peak / 10)")
+                   help="cosine, linear: step where --min-lr is reached (default: --max-steps)")
+    g.add_argument("--min-lr", type=number(float, 0),
+                   help="cosine, linear: final learning rate (default: cosine peak / 10, linear 0)")
     g.add_argument("--beta2", type=number(float, 0, 1, below=True), help="Adam beta2")
     g.add_argument("--adam-eps", type=number(float, 0, above=True), help="Adam epsilon")
     g.add_argument("--weight-decay", type=number(float, 0), help="decoupled weight decay of the matrices (0 = Adam)")

@@ -1,4 +1,4 @@
-"""Figures: training curves from a run's log, and attention heatmaps.
+"""Figures: training curves from a run's log, attention heatmaps, and confusion matrices.
 
 A run folder holds ``log.jsonl``, one JSON object per line. Records with
 ``"kind": "train"`` carry ``step``, ``loss`` and ``lr``; records with
@@ -154,3 +154,31 @@ def plot_attention(
 ) -> Path:
     """Draw `attention_figure` and write it as a PNG to ``out``; returns ``out``."""
     return _save(attention_figure(weights, src_tokens, tgt_tokens, title), Path(out))
+
+
+def confusion_figure(confusion: list[list[int]], labels: list[str], title: str) -> Figure:
+    """A heatmap of a confusion matrix (rows: the true label, columns: the predicted one), each cell's count
+    written in it; the colour is the share of the row, so that rare labels read as plainly as frequent ones."""
+    n = len(labels)
+    counts = [[float(c) for c in row] for row in confusion]
+    shares = [[c / max(sum(row), 1.0) for c in row] for row in counts]
+    side = 0.5 * n + 2.5
+    fig = Figure(figsize=(side + 1.0, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(confusion[i][j]), ha="center", va="center", fontsize=8,
+                    color="white" if shares[i][j] > 0.5 else "black")
+    ax.set_xticks(range(n), labels, rotation=90 if n > 6 else 0, fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    fig.colorbar(image, ax=ax, label="share of the true label")
+    ax.set_title(title)
+    return fig
+
+
+def plot_confusion(confusion: list[list[int]], labels: list[str], title: str, out: Path) -> Path:
+    """Draw `confusion_figure` and write it as a PNG to ``out``; returns ``out``."""
+    return _save(confusion_figure(confusion, labels, title), Path(out))

@@ -1,7 +1,7 @@
 """What kind of model a path holds, and the loaders of the vision models.
 
 Kinds: ``translation`` (an encoder-decoder), ``lm`` (decoder-only), ``mlm`` (a BERT-style
-encoder), ``vit`` (an image classifier), ``captioner`` (a ViT, a bridge and an LM),
+encoder), ``classifier`` (such an encoder fine-tuned to label texts: `transformer classify`), ``vit`` (an image classifier), ``captioner`` (a ViT, a bridge and an LM),
 ``ctranslate2`` (a folder of `transformer export --to ctranslate2`, translation or LM) and
 ``huggingface`` (a Hugging Face model folder, which `pretrained` converts on loading). A training
 run directory, one of its checkpoints and an averaged model are all model directories
@@ -17,14 +17,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from transformer.config import CaptionConfig, VisionConfig
+from transformer.config import CaptionConfig, ModelConfig, VisionConfig
 from transformer.errors import UserError
 from transformer.model.captioner import Captioner, build_captioner
+from transformer.model.classifier import POOLS, EncoderClassifier
 from transformer.model.vision import ViT, build_vit
 from transformer.store import modeldir
 from transformer.text.tokenizer import Tokenizer
 
-KINDS = ("translation", "lm", "mlm", "vit", "captioner", "ctranslate2", "huggingface")
+KINDS = ("translation", "lm", "mlm", "classifier", "vit", "captioner", "ctranslate2", "huggingface")
 ARCH_KINDS = {"encoder-decoder": "translation", "decoder": "lm", "encoder": "mlm"}
 # An exported CTranslate2 folder: CTranslate2's model.bin, our tokenizer and our model config beside it.
 CT2_MODEL, CT2_TOKENIZER, CT2_CONFIG = "model.bin", "tokenizer.model", "transformer.json"
@@ -58,6 +59,8 @@ def model_kind(path: str | Path) -> str:
         return "vit"
     if "caption" in meta:
         return "captioner"
+    if "classify" in meta:
+        return "classifier"
     return ARCH_KINDS.get(model.get("arch", "encoder-decoder"), "translation")  # else loading says what is wrong
 
 
@@ -84,6 +87,21 @@ def load_vit(path: Path, device: str | torch.device = "cpu") -> tuple[ViT, Visio
 def load_captioner(path: Path, device: str | torch.device = "cpu") -> tuple[Captioner, CaptionConfig, dict]:
     """(captioner in eval mode, its config, meta) of a `transformer caption train` model directory."""
     return load_vision_dir(path, CaptionConfig.from_dict, build_captioner, "caption", device)
+
+
+def load_text_classifier(path: Path, device: str | torch.device = "cpu"
+                         ) -> tuple[EncoderClassifier, ModelConfig, Tokenizer, dict]:
+    """(classifier in eval mode, its encoder's config, tokenizer, meta) of a `transformer classify train` model
+    directory; meta["classify"] holds the label names ("labels"), "pool" and whether it takes pairs ("pairs")."""
+    path = Path(path)
+    cfg, meta = modeldir.read_model_config(path)
+    task = meta.get("classify")
+    labels = task.get("labels") if isinstance(task, dict) else None
+    if not isinstance(labels, list) or not labels or task.get("pool") not in POOLS:
+        raise UserError(f"{path / modeldir.CONFIG}: not a text classifier (no classify labels and pool in meta)")
+    model = EncoderClassifier(cfg, len(labels), task["pool"])
+    modeldir.load_weights(model, modeldir.need_file(path, modeldir.WEIGHTS))
+    return model.to(device).eval(), cfg, load_tokenizer(path), meta
 
 
 def load_tokenizer(path: Path) -> Tokenizer:

@@ -11,6 +11,8 @@ over `warmup` updates to the peak `lr`, then
   when `lr` is not given, this is the paper's equation (3) exactly:
   d_model^-0.5 · min(s^-0.5, s · warmup^-1.5);
 - ``cosine``: half a cosine from lr down to `min_lr` at `decay_steps`, constant after;
+- ``linear``: a straight line from lr down to `min_lr` (default 0) at `decay_steps`, constant after: BERT's
+  fine-tuning schedule (Devlin et al., 2019);
 - ``constant``: lr.
 
 `OptimConfig.resolve` fills in what depends on the model and the run (the paper's peak,
@@ -28,7 +30,8 @@ from torch import nn
 
 from transformer.errors import UserError
 
-SCHEDULES = ("inverse-sqrt", "cosine", "constant")
+SCHEDULES = ("inverse-sqrt", "cosine", "linear", "constant")
+DECAYING = ("cosine", "linear")  # down to min_lr at decay_steps
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,10 @@ class OptimConfig:
 
     lr: float | None = None  # peak learning rate; None: the paper's (d_model · warmup)^-0.5
     lr_scale: float = 1.0  # multiplies the peak
-    schedule: str = "inverse-sqrt"  # after warm-up: inverse-sqrt | cosine | constant
+    schedule: str = "inverse-sqrt"  # after warm-up: inverse-sqrt | cosine | linear | constant
     warmup: int = 4000  # linear warm-up updates
-    decay_steps: int | None = None  # cosine only: the update where min_lr is reached (default: max_steps, else 5000)
-    min_lr: float | None = None  # cosine only: the floor (default: lr / 10)
+    decay_steps: int | None = None  # cosine, linear: the update where min_lr is reached (default: max_steps, else 5000)
+    min_lr: float | None = None  # cosine, linear: the floor (default: cosine lr / 10, linear 0)
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-9
@@ -58,10 +61,10 @@ class OptimConfig:
     def resolve(self, d_model: int, max_steps: int | None) -> "OptimConfig":
         """This configuration with every default decided: the peak lr (lr_scale applied), decay_steps, min_lr."""
         lr = (self.lr if self.lr is not None else (d_model * max(self.warmup, 1)) ** -0.5) * self.lr_scale
-        if self.schedule != "cosine":
+        if self.schedule not in DECAYING:
             return dataclasses.replace(self, lr=lr, lr_scale=1.0)
         decay_steps = self.decay_steps or max_steps or 5000
-        min_lr = self.min_lr if self.min_lr is not None else lr / 10
+        min_lr = self.min_lr if self.min_lr is not None else (lr / 10 if self.schedule == "cosine" else 0.0)
         return dataclasses.replace(self, lr=lr, lr_scale=1.0, decay_steps=decay_steps, min_lr=min_lr)
 
 
@@ -76,6 +79,8 @@ def lr_factor(step: int, cfg: OptimConfig) -> float:
         return math.sqrt(max(warmup, 1) / step)
     floor = cfg.min_lr / cfg.lr
     progress = min(max(step - warmup, 0) / max(cfg.decay_steps - warmup, 1), 1.0)
+    if cfg.schedule == "linear":
+        return floor + (1 - floor) * (1 - progress)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -89,7 +94,7 @@ def make_optimizer(
     ``scheduler.step()`` after each ``optimizer.step()``: LambdaLR counts from 0 and
     applies lambda(0) at construction, hence the shift by one.
     """
-    if cfg.lr is None or cfg.lr_scale != 1.0 or (cfg.schedule == "cosine" and (cfg.decay_steps is None or cfg.min_lr is None)):
+    if cfg.lr is None or cfg.lr_scale != 1.0 or (cfg.schedule in DECAYING and (cfg.decay_steps is None or cfg.min_lr is None)):
         raise ValueError("make_optimizer needs a resolved OptimConfig (OptimConfig.resolve)")
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.weight_decay:
