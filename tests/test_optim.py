@@ -36,10 +36,10 @@ def test_cosine_and_constant_schedules() -> None:
     assert lr_factor(110, cfg) == pytest.approx(0.1) and lr_factor(500, cfg) == pytest.approx(0.1)
     assert lr_factor(40, OptimConfig(lr=1e-3, warmup=10).resolve(256, None)) == pytest.approx(0.5)  # sqrt(10/40)
     assert lr_factor(40, OptimConfig(lr=1e-3, warmup=10, schedule="constant").resolve(256, None)) == 1.0
-    # decay_steps and min_lr mean nothing outside cosine: resolving leaves them unset, so --max-steps can change
+    # decay_steps and min_lr mean nothing outside cosine and linear: resolving leaves them unset, so --max-steps can change
     assert OptimConfig().resolve(D, 1000) == OptimConfig().resolve(D, 2000)
-    with pytest.raises(UserError, match="`schedule` linear"):
-        OptimConfig(schedule="linear")
+    with pytest.raises(UserError, match="`schedule` exponential"):
+        OptimConfig(schedule="exponential")
 
 
 def test_adam_settings_and_weight_decay_groups() -> None:
