@@ -263,3 +263,18 @@ def test_mlm_train_fine_tunes_the_imported_model(imported, tmp_path):
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     valid = [r["loss"] for r in records if r["kind"] == "valid"]
     assert len(valid) == 2 and valid[1] < valid[0]
+
+
+def test_classify_fine_tunes_the_imported_model_on_pairs(imported, tmp_path):
+    """`classify train` on the imported BERT: its WordPiece [CLS]/[SEP], its two segments for a pair, and
+    BERT's pooler under the head; the run predicts through `transformer.load`."""
+    rows = [f"{a}\t{b}\t{'same' if i % 2 == 0 else 'other'}" for i, (a, b) in
+            enumerate(zip(_lines(0, 80), _lines(0, 80)[::-1]))]
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "clf"
+    assert main(["classify", "train", "--model", str(imported), "--train", str(tmp_path / "train.tsv"),
+                 "--out", str(out), "--max-steps", "4", "--valid-every", "4", "--no-progress"]) == 0
+    classifier = transformer.load(out)
+    assert classifier.pairs and classifier.model.pooler is not None and classifier.config.n_segments == 2
+    label, probability = classifier.predict((_lines(0, 1)[0], _lines(1, 2)[0]))
+    assert label in ("same", "other") and 0.5 <= probability <= 1.0
