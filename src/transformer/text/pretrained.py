@@ -8,7 +8,7 @@
   ``>>xx<<`` is one token.
 
 Both are stored in a model directory's tokenizer.model as one JSON document (`to_bytes`);
-`text.tokenizer.read_tokenizer` tells them from a SentencePiece model. Encoding never adds special
+`text.tokenizer.Tokenizer.from_bytes` tells them from a SentencePiece model. Encoding never adds special
 tokens (the callers add BOS/EOS, [CLS]/[SEP] with the model config's ids); decoding drops them.
 """
 
@@ -29,7 +29,7 @@ SPACE = "\u2581"  # SentencePiece's word boundary
 
 
 class HubTokenizer:
-    """Text <-> ids through a `tokenizers.Tokenizer`; `unk` is the id of its unknown token (or None)."""
+    """Text <-> ids through a `tokenizers.Tokenizer`; `unk` is its unknown token (or None)."""
 
     def __init__(self, tokenizer: Any, unk: str | None = None) -> None:
         tokenizer.no_padding()  # ids are padded by the callers, and never cut
