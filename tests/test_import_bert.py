@@ -259,7 +259,7 @@ def test_mlm_train_fine_tunes_the_imported_model(imported, tmp_path):
     out = tmp_path / "ft"
     assert main(["mlm", "train", "--text", str(text), "--out", str(out), "--init", str(imported),
                  "--batch-size", "16", "--lr", "3e-3", "--warmup", "2", "--max-steps", "12", "--valid-every", "6",
-                 "--no-progress"]) == 0
+                 "--no-progress", "--precision", "fp32"]) == 0  # the same learning on every CPU (bf16 on AMX)
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     valid = [r["loss"] for r in records if r["kind"] == "valid"]
     assert len(valid) == 2 and valid[1] < valid[0]

@@ -278,7 +278,7 @@ def test_the_nsp_head_learns_a_toy(tmp_path, capsys):
     assert main(["mlm", "train", "--text", str(tmp_path / "train.txt"), "--valid", str(tmp_path / "valid.txt"),
                  "--out", str(out), "--nsp", "--preset", "tiny", "--dropout", "0", "--vocab-size", "60",
                  "--batch-size", "32", "--max-len", "24", "--max-steps", "100", "--valid-every", "50", "--lr", "5e-3",
-                 "--warmup", "5", "--no-progress"]) == 0
+                 "--warmup", "5", "--no-progress", "--precision", "fp32"]) == 0  # the same learning on every CPU
     valid = [r for r in _log(out) if r["kind"] == "valid"]
     assert valid[-1]["nsp_accuracy"] > 0.85 and valid[0]["nsp_accuracy"] < valid[-1]["nsp_accuracy"]
 
