@@ -78,3 +78,24 @@ def trained_translation_dir(multi30k_sample, tmp_path_factory) -> Path:
 def multi30k_valid_en() -> list[str]:
     """The first 60 English sentences of Multi30k valid: the validation file of `trained_translation_dir`."""
     return (multi30k_dir() / "valid.en").read_text(encoding="utf-8").splitlines()[:60]
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tmp_path_factory) -> Path:
+    """A tiny untrained decoder-only language model directory (two layers, 128 positions, a BPE vocabulary of
+    200 learnt from Tiny Shakespeare). Untrained, its sampled text varies, so that equalities are not vacuous."""
+    import torch
+
+    from transformer.config import preset
+    from transformer.corpora import tinyshakespeare_path
+    from transformer.model.models import build_model
+    from transformer.store.modeldir import save_model_dir
+    from transformer.text.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(tinyshakespeare_path().read_text(encoding="utf-8").splitlines()[:3000], 200)
+    cfg = preset("tiny", arch="decoder", vocab_size=tokenizer.vocab_size, n_encoder_layers=0, n_decoder_layers=2,
+                 max_len=128, dropout=0.0)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "lm"
+    save_model_dir(path, build_model(cfg), cfg, tokenizer.to_bytes())
+    return path

@@ -10,6 +10,8 @@ from transformer.config import preset
 from transformer.inference.runtime import DecodingModel
 from transformer.inference.search import SearchConfig, beam_search, greedy_search
 from transformer.model.attention import InProjection, SplitInProjection
+from transformer.model.captioner import EncoderDecoderCaptioner
+from transformer.model.layers import DecoderLayer
 from transformer.model.models import EncoderDecoder, build_model
 from transformer.text.data import collate_source
 
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 def _model(**overrides):
     torch.manual_seed(0)
-    return build_model(preset("tiny", dropout=0.0, vocab_size=VOCAB, **overrides)).eval()
+    return build_model(preset("tiny", **{"dropout": 0.0, "vocab_size": VOCAB, **overrides})).eval()
 
 
 def _batch():
@@ -80,14 +82,92 @@ def test_beam_search_with_shared_memory_is_unchanged(monkeypatch, n_best):
     model = _model()
     src = collate_source([[5, 6, 7], [], [8, 9, 10, 11, 12, 13], [4]])  # padded, and sentences finish apart
     cfg = SearchConfig(beam=3, n_best=n_best, max_len_b=6)
-    assert model.beams_share_memory and not model.train().beams_share_memory  # only the eval step path shares
-    model.eval()
+    assert model.beams_share_memory
     shared = beam_search(model, src, cfg)
-    monkeypatch.setattr(EncoderDecoder, "beams_share_memory", property(lambda self: False))
+    monkeypatch.setattr(EncoderDecoder, "beams_share_memory", False)
     repeated = beam_search(model, src, cfg)
     assert [[h.tokens for h in hyps] for hyps in shared] == [[h.tokens for h in hyps] for hyps in repeated]
     for a, b in zip(shared, repeated):
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
+
+
+def test_beams_share_memory_whatever_the_mode():
+    """A constant of the class, not of the train/eval mode."""
+    model = _model()
+    prepared = DecodingModel(model)
+    for m in (model, prepared):
+        assert m.train().beams_share_memory is True and m.eval().beams_share_memory is True
+    assert EncoderDecoder.beams_share_memory is DecodingModel.beams_share_memory is True
+    assert EncoderDecoderCaptioner.beams_share_memory is True
+
+
+def _no_general_path(monkeypatch):
+    """Make the layers' general `forward` fail: the cached one-position steps must take `DecoderLayer.step`."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached one-position step took the general path")
+    monkeypatch.setattr(DecoderLayer, "forward", fail)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("overrides", [{}, {"norm_first": True}, {"attn_window": 2}],
+                         ids=["post-norm", "pre-norm", "window"])
+@torch.no_grad()
+def test_shared_memory_steps_equal_full_recomputation_in_either_mode(monkeypatch, mode, overrides):
+    """memory (B, S, d) with tgt (B·K, 1), step by step, in train mode (all dropout 0) as in eval mode:
+    the lean step path, equal to the whole target at once with the memory repeated per beam."""
+    model, (src, tgt) = _model(attn_dropout=0.0, act_dropout=0.0, **overrides), _batch()
+    model.train(mode == "train")
+    k = 3
+    memory, memory_mask = model.encode(src)
+    tgt = (tgt.repeat_interleave(k, dim=0) + torch.arange(k).repeat(src.size(0))[:, None]) % VOCAB  # (B·K, T)
+    full = model.decode(tgt, memory.repeat_interleave(k, 0), memory_mask.repeat_interleave(k, 0))
+    _no_general_path(monkeypatch)
+    cache = model.new_cache()
+    steps = torch.cat([model.decode(tgt[:, t : t + 1], memory, memory_mask, cache) for t in range(tgt.size(1))], 1)
+    torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-5)
+    assert cache.cross_attn[0].k.size(0) == src.size(0)  # kept once per sentence
+
+
+def _decoder_steps(model, x, memory, memory_mask, seed):
+    """The decoder (no embedding, so no embedding dropout) step by step over x (B, T, d), from `seed`."""
+    torch.manual_seed(seed)
+    cache = model.new_cache()
+    return torch.cat([model.decoder(x[:, t : t + 1], memory, memory_mask, cache) for t in range(x.size(1))], 1)
+
+
+@pytest.mark.parametrize("kind", ["dropout", "attn_dropout", "act_dropout"])
+@torch.no_grad()
+def test_train_mode_steps_apply_dropout(monkeypatch, kind):
+    """In train mode the lean step path applies each dropout (residual, attention weights, FFN activation):
+    different seeds give different outputs, the same seed the same; eval mode applies none."""
+    model, (src, _) = _model(**{"attn_dropout": 0.0, "act_dropout": 0.0, kind: 0.3}), _batch()
+    memory, memory_mask = model.encode(src)
+    k = 2
+    x = torch.randn(src.size(0) * k, 4, model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    clean = _decoder_steps(model, x, memory, memory_mask, 0)
+    _no_general_path(monkeypatch)
+    model.train()
+    a, b, again = (_decoder_steps(model, x, memory, memory_mask, seed) for seed in (1, 2, 1))
+    assert not torch.allclose(a, b) and not torch.allclose(a, clean)
+    torch.testing.assert_close(a, again, rtol=0, atol=0)
+    assert torch.equal(_decoder_steps(model.eval(), x, memory, memory_mask, 3), clean)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"norm_first": True}], ids=["post-norm", "pre-norm"])
+@torch.no_grad()
+def test_train_mode_step_path_draws_the_general_paths_dropout(overrides):
+    """With one memory row per target row, the lean step and the general path (attention weights asked
+    for) make the same random draws on the same shapes: from one seed, the same dropped outputs."""
+    model, (src, tgt) = _model(dropout=0.2, attn_dropout=0.2, act_dropout=0.2, **overrides), _batch()
+    memory, memory_mask = model.encode(src)
+    model.train()
+    torch.manual_seed(5)
+    lean_cache = model.new_cache()
+    lean = torch.cat([model.decode(tgt[:, t : t + 1], memory, memory_mask, lean_cache)
+                      for t in range(tgt.size(1))], 1)
+    torch.manual_seed(5)
+    general = _general_steps(model, tgt, memory, memory_mask, model.new_cache())
+    torch.testing.assert_close(lean, general, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()

@@ -99,12 +99,26 @@ def _translate_text(args: argparse.Namespace, lines: list[str], name: str) -> li
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from transformer.api.load import serving_engine
+    """A translation model's server, or a language model's (the OpenAI completions API) after --model's kind."""
+    from transformer.api.load import load_as, serving_engine
+    from transformer.api.text import LanguageModel
+    from transformer.store.kinds import is_huggingface_dir, model_kind
 
     needs_extra("serve", "serve", "fastapi", "uvicorn", "prometheus_client")
+    flags.required(args, "model")
+    name = Path(args.model).resolve().name
+    if model_kind(args.model) == "lm" or (is_huggingface_dir(args.model) and _hf_lm(args.model)):
+        serving.serve_lm(args, load_as(LanguageModel, args.model, device=args.device), name)
+        return
     flags.needs_engine(args)
-    engine = serving_engine(_translator(args), Path(args.model or "").resolve().name, flags.search_config(args))
-    serving.serve(args, engine)
+    serving.serve(args, serving_engine(_translator(args), name, flags.search_config(args)))
+
+
+def _hf_lm(path: str) -> bool:
+    """Whether a Hugging Face folder holds a language model (GPT-2: the decoder-only family `transformer import` takes)."""
+    from transformer.pretrained.folder import HFFolder
+
+    return HFFolder.open(path).model_type == "gpt2"
 
 
 def _translate(args: argparse.Namespace) -> None:
@@ -236,7 +250,8 @@ def register(sub) -> None:
     flags.device(p)
     flags.progress(p)
 
-    p = command(sub, "serve", _serve, "Serve translations over HTTP: dynamic batching, limits, metrics, a web page.")
+    p = command(sub, "serve", _serve, "Serve a model over HTTP: translations (dynamic batching), or a language model's "
+                                      "completions (the OpenAI API, continuous batching); limits, metrics, a web page.")
     flags.model_dir(p)
     flags.search(p)
     flags.engine(p)

@@ -68,6 +68,8 @@ class DecodingModel(nn.Module):
     compiled function fails, it warns once and runs eagerly from then on.
     """
 
+    beams_share_memory = True  # a cached step takes one memory row per K beams, as `EncoderDecoder`'s
+
     def __init__(
         self, model: nn.Module, precision: str = "fp32", quantize: str | None = None, compile: bool = False
     ) -> None:
@@ -98,11 +100,6 @@ class DecodingModel(nn.Module):
             self._compiled = {
                 name: torch.compile(getattr(self, f"_{name}"), dynamic=True) for name in ("encode", "decode", "project")
             }
-
-    @property
-    def beams_share_memory(self) -> bool:
-        """Whether a cached step takes one memory row per sentence (`EncoderDecoder.beams_share_memory`)."""
-        return self.model.beams_share_memory
 
     @property
     def compiled(self) -> bool:

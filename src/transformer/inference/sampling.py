@@ -12,9 +12,9 @@ from torch import Tensor
 from transformer.model.models import DecoderOnly
 
 
-def _pick(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
-          generator: torch.Generator | None) -> Tensor:
-    """logits (B, V) -> next tokens (B,)."""
+def pick(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+         generator: torch.Generator | None) -> Tensor:
+    """logits (B, V) -> next tokens (B,): greedy at temperature 0 or top_k 1, else sampled with `generator`."""
     if temperature == 0 or top_k == 1:
         return logits.max(dim=-1).indices  # = argmax (the first maximum), faster on CPU
     logits = logits.double()  # shifted to a maximum of 0, then divided in float64: no NaN at any T > 0
@@ -83,7 +83,7 @@ def _steps(model: DecoderOnly, prompt: Tensor, n: int, temperature: float, top_k
     new = prompt
     for _ in range(n):
         logits = model(new, cache)[:, -1]  # (B, V)
-        new = _pick(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
+        new = pick(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
         yield new
 
 

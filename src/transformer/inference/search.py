@@ -96,9 +96,10 @@ class Seq2Seq(Protocol):
 
     def new_cache(self) -> Cache: ...
 
-    # Optional: beams_share_memory, True when `decode` takes memory (B, S, d) and its mask with
-    # tgt (B·K, 1), the K beams of each sentence attending to its one memory row, and the cache
-    # has select_beams(index, sentences). Beam search then keeps the memory once per sentence.
+    # Optional: beams_share_memory, a constant of the model (whatever its train/eval mode), True
+    # when `decode` takes memory (B, S, d) and its mask with tgt (B·K, 1), the K beams of each
+    # sentence attending to its one memory row, and the cache has select_beams(index, sentences).
+    # Beam search then keeps the memory once per sentence; without it, one row per beam.
 
 
 def length_penalty(n: int, alpha: float) -> float:

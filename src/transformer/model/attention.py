@@ -153,7 +153,7 @@ class MultiHeadAttention(nn.Module):
     The Q, K and V projections of all heads are one (3·d_model, d_model) matrix
     (`InProjection`), which is the paper's per-head W_i^Q, W_i^K, W_i^V stacked; W^O is
     `out_proj`. `forward` serves every case; `step` is the lean path of one cached
-    decoding step in eval mode.
+    decoding step (in train mode too, with the same attention dropout).
     """
 
     def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0) -> None:
@@ -213,8 +213,10 @@ class MultiHeadAttention(nn.Module):
                 k, v = cache.append(k, v)  # (B, H, length, D)
             # only causal, no padding, T_q = T_k: the kernel's own causal masking, no mask tensor
             is_causal = causal and window is None and mask is None and cache is None
-            # the queries are the last T of the n keys; None: nothing to add (full, or one query seeing all)
-            structure = None if is_causal else self_attention_mask(x.size(1), k.size(2), causal, window, x.device)
+            if cache is not None and cache.row_mask is not None:  # rows at their own positions (model.paged)
+                structure = cache.row_mask  # (B, 1, T, n): causal, windowed, each row's own keys
+            else:  # the queries are the last T of the n keys; None: nothing to add (full, or one query seeing all)
+                structure = None if is_causal else self_attention_mask(x.size(1), k.size(2), causal, window, x.device)
             if structure is not None:
                 mask = structure if mask is None else mask & structure
         else:
@@ -244,10 +246,11 @@ class MultiHeadAttention(nn.Module):
         mask: Tensor | None = None,
         window: int | None = None,
     ) -> Tensor:
-        """One cached decoding step in eval mode: x (B, d_model), one query per row -> (B, d_model).
+        """One cached decoding step: x (B, d_model), one query per row -> (B, d_model).
 
         The same as `forward(x[:, None], memory, mask, cache, window=window, causal=True)`,
-        with fewer calls. Self-attention (causal) when `memory` is None: this position's
+        with fewer calls, in either mode: in train mode the attention weights get the same
+        dropout (`attn_dropout`). Self-attention (causal) when `memory` is None: this position's
         keys/values are appended to `cache`. Cross-attention otherwise: the keys/values of
         `memory` (B_m, S, d_model) are computed on the first step and kept in `cache`; `mask`
         is its padding mask (B_m, 1, 1, S) or None. The memory may have fewer rows than x:
@@ -256,16 +259,19 @@ class MultiHeadAttention(nn.Module):
         """
         b, d = x.shape
         heads = self.n_heads
+        dropout_p = self.attn_dropout if self.training else 0.0
         if memory is None:
             q, k, v = self.in_proj(x).view(b, 3, heads, 1, d // heads).unbind(1)  # (B, H, 1, D) each
             if window is not None:
                 k, v = cache.append_window(k, v, window)  # (B, H, n, D)
             else:
                 k, v = cache.append(k, v)  # (B, H, length, D)
-            # None unless the keys outgrew the window (an unbounded cache): one query sees every key
-            mask = self_attention_mask(1, k.size(2), True, window, device=x.device)
+            # None unless the keys outgrew the window (an unbounded cache): one query sees every key;
+            # rows at their own positions (model.paged): the cache's mask of each row's keys
+            mask = cache.row_mask if cache.row_mask is not None else self_attention_mask(
+                1, k.size(2), True, window, device=x.device)
         else:
             k, v = (cache.k, cache.v) if cache.k is not None else self._memory_keys_values(memory, cache)
             q = self.in_proj.queries(x).view(k.size(0), -1, heads, d // heads).transpose(1, 2)  # (B_m, H, K, D)
-        out, _ = scaled_dot_product_attention(q, k, v, mask)  # (B_m, H, K, D); self-attention: (B, H, 1, D)
+        out, _ = scaled_dot_product_attention(q, k, v, mask, dropout_p)  # (B_m, H, K, D); self-attention: (B, H, 1, D)
         return self.out_proj(out.transpose(1, 2).reshape(b, d))

@@ -19,7 +19,7 @@ from torch import Tensor
 
 
 class LayerCache:
-    """Keys and values of one attention layer, kept across decoding steps.
+    """Keys and values of one attention layer, kept across decoding steps, every row at the same position.
 
     Self-attention appends each step's keys/values into preallocated storage: `reserve`
     sets its capacity once (the search knows the longest output it allows), and past
@@ -30,6 +30,10 @@ class LayerCache:
     With a window (`append_window`, when `bounded`), the storage is instead a ring of
     r + 1 slots, (B, H, r + 1, D), and `length` still counts every position decoded.
     """
+
+    # Every row holds the same positions, so attention builds the causal/window mask from the lengths alone.
+    # (The paged cache, whose rows sit at their own positions, gives attention a mask per row instead.)
+    row_mask: Tensor | None = None
 
     def __init__(self, bounded: bool = True) -> None:
         self.k: Tensor | None = None  # (B, H, capacity, D); a ring: (B, H, r + 1, D)

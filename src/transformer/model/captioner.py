@@ -231,6 +231,8 @@ class FlamingoCaptioner(FrozenLMCaptioner):
 class EncoderDecoderCaptioner(Captioner):
     """ViT -> projection -> the paper's decoder over every patch (no LM; everything trained)."""
 
+    beams_share_memory = True  # a cached step takes one memory row per K beams (`Decoder`'s step path)
+
     def __init__(self, cfg: CaptionConfig) -> None:
         super().__init__(cfg)
         self.embed = Embedding(cfg.lm)

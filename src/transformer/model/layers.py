@@ -42,12 +42,19 @@ class PositionalEncoding(nn.Module):
             self.learned = None
             self.register_buffer("table", sinusoid_table(cfg.max_len, cfg.d_model), persistent=False)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        """x (B, T, d_model) holds positions offset .. offset+T-1."""
+    def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
+        """x (B, T, d_model) holds positions offset .. offset+T-1: one offset for every row, or one per row (B,)
+        (sequences decoded together at different positions, `model.paged`)."""
+        table = self.learned if self.learned is not None else self.table
+        if isinstance(offset, Tensor):
+            positions = offset[:, None] + torch.arange(x.size(1), device=x.device)  # (B, T)
+            end = int(positions.max()) + 1 if positions.numel() else 0
+            if end > self.max_len:
+                raise ValueError(f"sequence of {end} positions exceeds the model's max_len={self.max_len}")
+            return x + table[positions].to(x.dtype)
         end = offset + x.size(1)
         if end > self.max_len:
             raise ValueError(f"sequence of {end} positions exceeds the model's max_len={self.max_len}")
-        table = self.learned if self.learned is not None else self.table
         return x + table[offset:end].to(x.dtype)
 
 
@@ -168,11 +175,12 @@ class DecoderLayer(nn.Module):
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,
     ) -> Tensor:
-        """One cached decoding step in eval mode: x (B, d_model) -> (B, d_model).
+        """One cached decoding step: x (B, d_model) -> (B, d_model).
 
-        The same as `forward` on x[:, None] with these caches, without dropout, through
-        `MultiHeadAttention.step`. memory (B_m, S, d_model) may hold one row per K rows of x
-        (the beams of a sentence); memory_mask (B_m, 1, 1, S) or None.
+        The same as `forward` on x[:, None] with these caches, through `MultiHeadAttention.step`,
+        in either mode: in train mode with the same dropout (residual, attention, FFN). memory
+        (B_m, S, d_model) may hold one row per K rows of x (the beams of a sentence); memory_mask
+        (B_m, 1, 1, S) or None.
         """
         x = _residual_step(self.res_self, x, lambda h: self.self_attn.step(h, self_cache, window=self.window))
         if self.cross_attn is not None:
@@ -181,7 +189,11 @@ class DecoderLayer(nn.Module):
 
 
 def _residual_step(residual: Residual, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
-    """`residual` around `sublayer` (B, d_model) -> (B, d_model) in eval mode (no dropout)."""
+    """`residual` around `sublayer` (B, d_model) -> (B, d_model), as `Residual.forward`: its dropout
+    applies in train mode (the module is not called in eval mode, where it is the identity)."""
+    dropout = residual.dropout
     if residual.norm_first:
-        return x + sublayer(residual.norm(x))
-    return residual.norm(x + sublayer(x))
+        out = sublayer(residual.norm(x))
+        return x + (dropout(out) if dropout.training else out)
+    out = sublayer(x)
+    return residual.norm(x + (dropout(out) if dropout.training else out))

@@ -19,6 +19,7 @@ from transformer.model.attention import padding_mask
 from transformer.model.cache import KVCache
 from transformer.model.dropout import Dropout
 from transformer.model.layers import DecoderLayer, EncoderLayer, PositionalEncoding
+from transformer.model.paged import PagedBatch
 
 AttnWeights = dict[str, list[Tensor]]
 
@@ -45,8 +46,9 @@ class Embedding(nn.Module):
         self.dropout = Dropout(cfg.dropout)  # 16-bit masks (dropout.py)
         self.scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
 
-    def forward(self, ids: Tensor, offset: int = 0, segments: Tensor | None = None) -> Tensor:
-        """ids (B, T) at positions offset.., segments (B, T) or None (all segment 0) -> (B, T, d_model)"""
+    def forward(self, ids: Tensor, offset: int | Tensor = 0, segments: Tensor | None = None) -> Tensor:
+        """ids (B, T) at positions offset.. (one offset, or one per row (B,)), segments (B, T) or None
+        (all segment 0) -> (B, T, d_model)"""
         x = self.tokens(ids)
         if self.scale != 1.0:
             x = x * self.scale
@@ -91,10 +93,11 @@ class Decoder(nn.Module):
     ) -> Tensor:
         """x (B, T, d_model) follows `cache.length` cached positions; memory (B, S, d_model).
 
-        A cached step of one position in eval mode takes the lean path (`DecoderLayer.step`),
-        where memory may also be (B / K, S, d_model), one row per K beams.
+        A cached step of one position without attention weights takes the lean path
+        (`DecoderLayer.step`), in train mode too (with the same dropout), where memory may also
+        be (B / K, S, d_model), one row per K beams.
         """
-        if cache is not None and x.size(1) == 1 and attn_weights is None and not self.training:
+        if cache is not None and x.size(1) == 1 and attn_weights is None:
             return self._step(x, memory, memory_mask, cache)
         for i, layer in enumerate(self.layers):  # the layers' self-attention is causal (and windowed)
             x, self_w, cross_w = layer(
@@ -113,7 +116,7 @@ class Decoder(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
     def _step(self, x: Tensor, memory: Tensor | None, memory_mask: Tensor | None, cache: KVCache) -> Tensor:
-        """One cached position in eval mode: x (B, 1, d_model) -> (B, 1, d_model)."""
+        """One cached position: x (B, 1, d_model) -> (B, 1, d_model); dropout as `forward` in train mode."""
         h = x[:, 0]  # (B, d_model)
         for layer, self_cache, cross_cache in zip(self.layers, cache.self_attn, cache.cross_attn):
             h = layer.step(h, self_cache, cross_cache, memory, memory_mask)
@@ -160,12 +163,10 @@ class EncoderDecoder(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.n_decoder_layers)
 
-    @property
-    def beams_share_memory(self) -> bool:
-        """Whether a cached step (`decode` of one position with a cache) takes memory (B, S, d_model)
-        with tgt (B·K, 1), the K beams of a sentence attending to its one row: in eval mode
-        (`Decoder`'s lean step path; the searches' `Seq2Seq` protocol)."""
-        return not self.training
+    # A cached step (`decode` of one position with a cache, no attention weights) takes memory
+    # (B, S, d_model) with tgt (B·K, 1), the K beams of a sentence attending to its one row, in
+    # either mode (`Decoder`'s lean step path); the searches' `Seq2Seq` protocol.
+    beams_share_memory = True
 
     def forward(self, src: Tensor, tgt: Tensor, attn_weights: AttnWeights | None = None) -> Tensor:
         """src (B, S), tgt (B, T) (shifted right, starting with BOS) -> logits (B, T, vocab)"""
@@ -188,9 +189,13 @@ class DecoderOnly(nn.Module):
         return KVCache(self.cfg.n_decoder_layers)
 
     def forward(
-        self, tokens: Tensor, cache: KVCache | None = None, attn_weights: AttnWeights | None = None
+        self, tokens: Tensor, cache: KVCache | PagedBatch | None = None, attn_weights: AttnWeights | None = None
     ) -> Tensor:
-        """tokens (B, T) continuing `cache` -> logits (B, T, vocab)"""
+        """tokens (B, T) continuing `cache` -> logits (B, T, vocab).
+
+        The cache is a `KVCache` (every row at the same position: `sample`) or a `PagedBatch` (each row a
+        sequence of the block pool at its own position: the continuous batching of `inference.scheduler`).
+        """
         offset = cache.length if cache is not None else 0
         h = self.decoder(self.embed(tokens, offset), cache=cache, attn_weights=attn_weights)
         return project(h, self.embed.tokens, self.out_proj, self.out_bias)
