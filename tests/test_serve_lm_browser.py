@@ -9,35 +9,15 @@ import httpx
 import pytest
 from serve_process import ServeProcess
 
-from transformer.cli import main
-from transformer.corpora import tinyshakespeare_path
-
 CHROMIUM = "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install -y chromium)")
 PROMPT = "ROMEO:"
-BLOCK = 64
-LONGEST = BLOCK - len(PROMPT)  # a character vocabulary: one token per character of the prompt
 GAUGE = "transformer_lm_running_sequences"
 
 
 @pytest.fixture(scope="module")
-def lm_run(tmp_path_factory) -> Path:
-    """A tiny decoder-only run (character vocabulary, one layer, 10 steps, blocks of 64 tokens)."""
-    text = tmp_path_factory.mktemp("text") / "input.txt"
-    text.write_text(tinyshakespeare_path().read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    out = tmp_path_factory.mktemp("runs") / "lm"
-    assert main([
-        "lm", "train", "--text", str(text), "--out", str(out), "--preset", "tiny", "--layers", "1",
-        "--block-size", str(BLOCK), "--batch-size", "4", "--eval-batches", "2", "--valid-every", "4",
-        "--log-every", "1", "--warmup", "2", "--decay-steps", "10", "--no-progress", "--seed", "5",
-        "--max-steps", "10",
-    ]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def url(lm_run):
-    server = ServeProcess(lm_run)
+def url(lm_dir):
+    server = ServeProcess(lm_dir)
     yield server.url
     server.stop()
 
@@ -114,12 +94,15 @@ def _metric(url, name) -> list[float]:
 
 
 def test_stop_aborts_the_stream_and_the_server_frees_the_sequence(url, page):
-    # Greedy: this model's greedy continuation runs to max_tokens (no early EOS), so the stream is long.
-    full = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": LONGEST, "temperature": 0},
+    # Greedy, as long as the model allows: this model's continuation runs to max_tokens (no early EOS)
+    prompt_tokens = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 1},
+                               timeout=30).json()["usage"]["prompt_tokens"]
+    longest = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["max_model_len"] - prompt_tokens
+    full = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": longest, "temperature": 0},
                       timeout=30).json()
     assert full["choices"][0]["finish_reason"] == "length", full
     generated = _metric(url, "transformer_lm_generated_tokens_total")
-    _open(page, url, temperature="0", max_tokens=str(LONGEST))
+    _open(page, url, temperature="0", max_tokens=str(longest))
     # Click Stop from inside the page as soon as the first piece of text shows, so that it lands mid-stream.
     first = page.evaluate("""() => new Promise((resolve) => {
         const output = document.getElementById('output');
@@ -134,7 +117,7 @@ def test_stop_aborts_the_stream_and_the_server_frees_the_sequence(url, page):
     })""")
     assert first != ""
     _wait_status(page, "stopped")
-    assert len(page.text_content("#output")) < LONGEST
+    assert len(page.text_content("#output")) < len(full["choices"][0]["text"])
     assert page.get_attribute("#stop", "disabled") is not None
     end = time.monotonic() + 10
     while True:
@@ -145,4 +128,4 @@ def test_stop_aborts_the_stream_and_the_server_frees_the_sequence(url, page):
         assert time.monotonic() < end, f"{GAUGE} still {values} 10 s after Stop"
         time.sleep(0.1)
     if generated:  # the server cut the sequence short rather than generating all of it
-        assert _metric(url, "transformer_lm_generated_tokens_total")[0] - generated[0] < LONGEST
+        assert _metric(url, "transformer_lm_generated_tokens_total")[0] - generated[0] < longest

@@ -44,6 +44,8 @@ from transformer.model.models import DecoderOnly
 from transformer.model.paged import BlockPool, PagedBatch, PagedSequence
 from transformer.text.tokenizer import Tokenizer
 
+CONTEXT_TOKENS = 4  # tokens decoded before a new one, so that its text comes out as in the whole
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -82,8 +84,10 @@ class Sequence:
     cancelled: bool = False  # set from any thread; the sequence leaves at the next step
     paged: PagedSequence = field(default_factory=PagedSequence)
     reserved: int = 0  # blocks set aside for it at admission
-    shown: str = ""  # the completion's text delivered so far
-    prompt_text: str | None = None  # the detokenized prompt, once decoded
+    text: str = ""  # the completion's text so far
+    shown: str = ""  # what of it was delivered
+    prefix: int = 0  # detokenization (`Scheduler._piece`): the prompt tokens from here are the context,
+    context: str | None = None  # whose text this is
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -228,24 +232,37 @@ class Scheduler:
     def _text(self, s: Sequence, token: int) -> tuple[str, str | None]:
         """The text `token` adds to s's completion (held back while it may be incomplete), and s's finish or None."""
         eos = token == self.model.cfg.eos_id and not s.params.ignore_eos
-        ids = s.generated[:-1] if eos else s.generated
-        if s.prompt_text is None:
-            s.prompt_text = self.tokenizer.decode([s.prompt])[0]
-        base, whole = s.prompt_text, self.tokenizer.decode([s.prompt + ids])[0]
-        text = whole[len(base):] if whole.startswith(base) else self.tokenizer.decode([ids])[0]
+        last = eos or len(s.generated) >= s.params.max_tokens
+        if not eos:
+            s.text += self._piece(s, last)
+        text = s.text
         for stop in s.params.stop:
             at = text.find(stop, max(0, len(s.shown) - len(stop)))
             if stop and at >= 0:
                 return self._delta(s, text[:at]), "stop"
-        if eos:
-            return self._delta(s, text), "stop"
-        if len(s.generated) >= s.params.max_tokens:
-            return self._delta(s, text), "length"
+        if last:
+            return self._delta(s, text), "stop" if eos else "length"
         hold = max((n for stop in s.params.stop for n in range(len(stop), 0, -1) if text.endswith(stop[:n])),
                    default=0)  # the end of the text that may be the start of a stop string
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 character (byte-fallback tokens)
-            return "", None
         return self._delta(s, text[: len(text) - hold]), None
+
+    def _piece(self, s: Sequence, last: bool) -> str:
+        """The text the new tokens add, from the generated tokens decoded after a few prompt tokens of context
+        (so that the first word's leading space comes out as in the whole): O(generated) per token, not
+        O(prompt + generated). Nothing while the text ends in an incomplete UTF-8 character (byte-fallback
+        tokens), unless it is the `last`."""
+        if s.context is None:
+            s.prefix = len(s.prompt) - CONTEXT_TOKENS
+            while s.prefix > 0 and not self.tokenizer.decode([s.prompt[s.prefix:]])[0].strip():
+                s.prefix -= CONTEXT_TOKENS  # blank context: the decoder would strip the continuation's first space
+            s.prefix = max(s.prefix, 0)
+            s.context = self.tokenizer.decode([s.prompt[s.prefix:]])[0]
+        now = self.tokenizer.decode([s.prompt[s.prefix:] + s.generated])[0]
+        if now.endswith("\ufffd") and not last:
+            return ""
+        text = now[len(s.context):] if now.startswith(s.context) else self.tokenizer.decode([s.generated])[0]
+        piece = text[len(s.text):] if text.startswith(s.text) else ""
+        return piece
 
     @staticmethod
     def _delta(s: Sequence, text: str) -> str:

@@ -121,8 +121,11 @@ class PagedLayer:
         new = batch.write_slots.view(-1)  # (B·T,)
         keys.index_copy_(0, new, k.transpose(1, 2).reshape(b * t, h, d).to(keys.dtype))
         values.index_copy_(0, new, v.transpose(1, 2).reshape(b * t, h, d).to(values.dtype))
-        read = batch.read_slots  # (B, W)
-        return keys[read].transpose(1, 2).to(k.dtype), values[read].transpose(1, 2).to(v.dtype)  # (B, H, W, D)
+        read = batch.read_slots.view(-1)  # (B·W,): index_select, many times faster than indexing with (B, W)
+        w = batch.read_slots.size(1)
+        k_all = keys.index_select(0, read).view(b, w, h, d).transpose(1, 2)  # (B, H, W, D)
+        v_all = values.index_select(0, read).view(b, w, h, d).transpose(1, 2)
+        return k_all.to(k.dtype), v_all.to(v.dtype)
 
     def append_window(self, k: Tensor, v: Tensor, window: int) -> tuple[Tensor, Tensor]:
         """The same as `append`: the window is in `row_mask`, and only its keys are gathered."""
