@@ -156,3 +156,30 @@ def test_a_stop_string_ends_the_text_before_it_and_is_never_streamed(lm):
         pieces += [o.text for o in scheduler.step() if o.text]
     assert s.finish == "stop" and "".join(pieces) == whole[:15]
     assert len(pieces) > 1 and scheduler.pool.free == scheduler.pool.n_blocks
+
+
+def test_eos_ends_a_sequence_with_stop_unless_ignore_eos(lm):
+    cfg = dataclasses.replace(lm.model.cfg, logits_bias=True)
+    model = build_model(cfg).eval()
+    model.load_state_dict(lm.model.state_dict(), strict=False)
+    with torch.no_grad():
+        model.out_bias[cfg.eos_id] = 1e4  # EOS is every next token
+    scheduler = _scheduler(lm, model=model)
+    params = SamplingParams(max_tokens=5, temperature=0)
+    stops, goes_on = Sequence([5, 6], params), Sequence([5, 6], dataclasses.replace(params, ignore_eos=True))
+    _, texts = _drain(scheduler, {0: [stops, goes_on]})
+    assert (stops.finish, stops.generated, texts[id(stops)]) == ("stop", [cfg.eos_id], "")
+    assert goes_on.finish == "length" and goes_on.generated == [cfg.eos_id] * 5
+
+
+def test_a_sequence_past_its_deadline_leaves_with_timeout(lm):
+    scheduler = _scheduler(lm)
+    late = _sequence(lm, "ROMEO:", 50, 0.0, None, None, None)
+    on_time = _sequence(lm, "O", 5, 0.0, None, None, None)
+    scheduler.add(late)
+    scheduler.add(on_time)
+    scheduler.step()
+    late.deadline = 0.0  # passed
+    assert [(o.sequence, o.finish) for o in scheduler.step() if o.finish] == [(late, "timeout")]
+    _drain(scheduler)
+    assert on_time.finish == "length" and scheduler.pool.free == scheduler.pool.n_blocks

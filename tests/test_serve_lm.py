@@ -50,7 +50,9 @@ def _metric(url: str, name: str) -> float:
 @pytest.mark.parametrize("flags, settings", [(("--temperature", "0"), {"temperature": 0}),
                                              (("--temperature", "0.9", "--seed", "5"), {"temperature": 0.9, "seed": 5})])
 def test_the_openai_client_gets_what_lm_sample_prints(server, client, lm_dir, flags, settings):
-    completion = client.completions.create(model=lm_dir.name, prompt="ROMEO:", max_tokens=30, **settings)
+    # lm sample goes on past EOS, as ignore_eos does (else the server stops there: finish_reason "stop")
+    completion = client.completions.create(model=lm_dir.name, prompt="ROMEO:", max_tokens=30,
+                                           extra_body={"ignore_eos": True}, **settings)
     choice = completion.choices[0]
     printed = _lm_sample(lm_dir, "ROMEO:", 30, *flags)
     assert printed.rstrip("\n") == ("ROMEO:" + choice.text).rstrip("\n")
@@ -91,7 +93,8 @@ def test_the_models_list_and_a_stop_string(client, lm_dir):
 
 def test_concurrent_requests_each_get_what_they_would_get_alone(server, lm_dir, lm):
     """Twelve requests at once, of different prompts and lengths, through the continuous batch of 8."""
-    asks = [dict(prompt=p, max_tokens=5 + 9 * i, temperature=0.8, seed=i) for i, p in enumerate(PROMPTS)]
+    asks = [dict(prompt=p, max_tokens=5 + 9 * i, temperature=0.8, seed=i, extra_body={"ignore_eos": True})
+            for i, p in enumerate(PROMPTS)]
 
     async def all_at_once():
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from transformer.inference.sampling import pick
+from transformer.inference.sampling import distribution, draw
 from transformer.model.models import DecoderOnly
 from transformer.model.paged import BlockPool, PagedBatch, PagedSequence
 from transformer.text.tokenizer import Tokenizer
@@ -147,8 +147,8 @@ class Scheduler:
                 outputs.append(self._prefill(sequence))
             if self.running:
                 outputs += self._decode()
-        if not self.running:
-            self._idle_since = time.monotonic()
+                if not self.running:  # the batch has just ended: static batching waits for company from now
+                    self._idle_since = time.monotonic()
         return outputs
 
     def release_all(self, finish: str) -> list[Output]:
@@ -279,15 +279,17 @@ class Scheduler:
 
 
 def _sample_rows(rows: list[Sequence], logits: Tensor) -> list[int]:
-    """Each row's next token from logits (B, V): the greedy rows in one argmax, the others each with its generator."""
-    greedy = [i for i, s in enumerate(rows) if s.params.temperature == 0 or s.params.top_k == 1]
-    tokens = [0] * len(rows)
-    if greedy:
-        best = logits[greedy].max(dim=-1).indices.tolist()
-        for i, token in zip(greedy, best):
-            tokens[i] = token
+    """Each row's next token from logits (B, V): greedy rows in one argmax; rows with the same settings in one
+    batched draw, each with a uniform number from its own generator (what `sampling.pick` draws for it alone)."""
+    tokens = logits.max(dim=-1).indices.tolist()  # the greedy rows' (the others are replaced)
+    groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(rows):
-        if s.params.temperature != 0 and s.params.top_k != 1:
-            p = s.params
-            tokens[i] = int(pick(logits[i:i + 1].float(), p.temperature, p.top_k, p.top_p, s.generator))
+        p = s.params
+        if p.temperature != 0 and p.top_k != 1:
+            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+    for (temperature, top_k, top_p), index in groups.items():
+        probs = distribution(logits[index].float(), temperature, top_k, top_p)  # (N, V)
+        uniform = torch.cat([torch.rand(1, 1, generator=rows[i].generator) for i in index]).to(probs.device)
+        for i, token in zip(index, draw(probs, uniform).tolist()):
+            tokens[i] = token
     return tokens

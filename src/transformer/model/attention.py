@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.model.cache import LayerCache
+from transformer.model.paged import PagedLayer
 from transformer.model.window import use_windowed, windowed_attention
 
 
@@ -173,7 +174,7 @@ class MultiHeadAttention(nn.Module):
         x: Tensor,
         memory: Tensor | None = None,
         mask: Tensor | None = None,
-        cache: LayerCache | None = None,
+        cache: LayerCache | PagedLayer | None = None,
         need_weights: bool = False,
         window: int | None = None,
         causal: bool = False,
@@ -184,7 +185,9 @@ class MultiHeadAttention(nn.Module):
         are appended to it; with a window and `causal` (a decoder), the cache keeps only
         the last r + 1 positions (`LayerCache.append_window`), the keys this step's
         queries may see; then `mask` must be None and the weights (B, H, T, n) cover
-        those n kept keys only (in ring order for T = 1 once r + 1 are kept).
+        those n kept keys only (in ring order for T = 1 once r + 1 are kept). With a paged
+        cache (`model.paged.PagedLayer`: each row a sequence at its own position), the cache
+        stores the keys/values and attends (causal, windowed), and no weights are returned.
         Cross-attention otherwise: with a cache, the keys/values of `memory` are computed
         on the first call and reused after (memory may then be any tensor; it is not read
         again). Returns (B, T, d_model) and the weights
@@ -202,6 +205,8 @@ class MultiHeadAttention(nn.Module):
         if memory is None:
             q, k, v = self.in_proj(x).split(d, dim=-1)
             q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, T, D)
+            if isinstance(cache, PagedLayer):  # rows at their own positions: the paged cache attends (no weights)
+                return self.out_proj(cache.attend(q, k, v).transpose(1, 2).reshape(x.shape)), None
             if cache is None and not need_weights and use_windowed(x.size(1), window):
                 out = windowed_attention(q, k, v, window, causal, mask, dropout_p)  # (B, H, T, D)
                 return self.out_proj(out.transpose(1, 2).reshape(x.shape)), None
@@ -213,10 +218,8 @@ class MultiHeadAttention(nn.Module):
                 k, v = cache.append(k, v)  # (B, H, length, D)
             # only causal, no padding, T_q = T_k: the kernel's own causal masking, no mask tensor
             is_causal = causal and window is None and mask is None and cache is None
-            if cache is not None and cache.row_mask is not None:  # rows at their own positions (model.paged)
-                structure = cache.row_mask  # (B, 1, T, n): causal, windowed, each row's own keys
-            else:  # the queries are the last T of the n keys; None: nothing to add (full, or one query seeing all)
-                structure = None if is_causal else self_attention_mask(x.size(1), k.size(2), causal, window, x.device)
+            # the queries are the last T of the n keys; None: nothing to add (full, or one query seeing all)
+            structure = None if is_causal else self_attention_mask(x.size(1), k.size(2), causal, window, x.device)
             if structure is not None:
                 mask = structure if mask is None else mask & structure
         else:
@@ -262,14 +265,14 @@ class MultiHeadAttention(nn.Module):
         dropout_p = self.attn_dropout if self.training else 0.0
         if memory is None:
             q, k, v = self.in_proj(x).view(b, 3, heads, 1, d // heads).unbind(1)  # (B, H, 1, D) each
+            if isinstance(cache, PagedLayer):  # each row at its own position (model.paged)
+                return self.out_proj(cache.attend(q, k, v).transpose(1, 2).reshape(b, d))
             if window is not None:
                 k, v = cache.append_window(k, v, window)  # (B, H, n, D)
             else:
                 k, v = cache.append(k, v)  # (B, H, length, D)
-            # None unless the keys outgrew the window (an unbounded cache): one query sees every key;
-            # rows at their own positions (model.paged): the cache's mask of each row's keys
-            mask = cache.row_mask if cache.row_mask is not None else self_attention_mask(
-                1, k.size(2), True, window, device=x.device)
+            # None unless the keys outgrew the window (an unbounded cache): one query sees every key
+            mask = self_attention_mask(1, k.size(2), True, window, device=x.device)
         else:
             k, v = (cache.k, cache.v) if cache.k is not None else self._memory_keys_values(memory, cache)
             q = self.in_proj.queries(x).view(k.size(0), -1, heads, d // heads).transpose(1, 2)  # (B_m, H, K, D)

@@ -31,10 +31,6 @@ class LayerCache:
     r + 1 slots, (B, H, r + 1, D), and `length` still counts every position decoded.
     """
 
-    # Every row holds the same positions, so attention builds the causal/window mask from the lengths alone.
-    # (The paged cache, whose rows sit at their own positions, gives attention a mask per row instead.)
-    row_mask: Tensor | None = None
-
     def __init__(self, bounded: bool = True) -> None:
         self.k: Tensor | None = None  # (B, H, capacity, D); a ring: (B, H, r + 1, D)
         self.v: Tensor | None = None

@@ -14,12 +14,12 @@ together, each joining and leaving at any step (continuous batching; Kwon et al.
   (`forget_before`), so it holds at most about r + 1 positions.
 - `PagedBatch` is the cache of one model call over some sequences, T new positions each (a
   prompt: T tokens of one sequence; a decoding step: one token of each of B sequences). It
-  gives the model each row's position offset (`length`, (B,)) and attention, layer by layer,
-  each row's keys and values gathered from the pool (`PagedLayer.append`) with a mask of the
-  keys each query may see (`row_mask`: that row's real keys, causal, within the window).
+  gives the model each row's position offset (`length`, (B,)) and, layer by layer, attention
+  over each row's own keys and values gathered from the pool (`PagedLayer.attend`: causal,
+  within the window).
 
-Attention itself is the package's usual kernel on the gathered (B, H, W, D) keys; the pool
-is what lets sequences at different positions share a batch without padding the cache.
+Attention itself is PyTorch's fused kernel on the gathered keys; the pool is what lets
+sequences at different positions share a batch without a cache padded to the longest.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -98,22 +99,19 @@ class PagedSequence:
 
 
 class PagedLayer:
-    """One layer's view of a `PagedBatch`: what `MultiHeadAttention` calls a cache."""
-
-    bounded = False  # the window is in `row_mask`; `PagedSequence.forget_before` bounds the memory
+    """One layer's view of a `PagedBatch`: the cache `MultiHeadAttention` hands its self-attention to."""
 
     def __init__(self, batch: PagedBatch, layer: int) -> None:
         self.batch, self.layer = batch, layer
 
-    @property
-    def row_mask(self) -> Tensor:
-        return self.batch.row_mask
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal self-attention of the rows' T new positions: q, k, v (B, H, T, D) -> (B, H, T, D).
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write the (B, H, T, D) keys/values of the rows' new positions; return each row's keys/values, (B, H, W, D).
-
-        Row b's keys are its positions lo_b .. lo_b + W - 1 (`PagedBatch`); those past its end are stale
-        slots that `row_mask` hides.
+        The new keys/values go into the pool first. A decoding step (T = 1) then attends row by row
+        to that row's own keys, gathered from its blocks, with no padding and no mask (a lone last
+        query sees all of them): measured about 5x faster on a CPU than gathering a padded (B, H, W, D)
+        batch and masking it, at 64 rows of 32-512 positions. A prompt (T > 1) gathers the padded
+        batch and masks it with `PagedBatch.row_mask`.
         """
         batch, pool = self.batch, self.batch.pool
         b, h, t, d = k.shape
@@ -121,15 +119,19 @@ class PagedLayer:
         new = batch.write_slots.view(-1)  # (B·T,)
         keys.index_copy_(0, new, k.transpose(1, 2).reshape(b * t, h, d).to(keys.dtype))
         values.index_copy_(0, new, v.transpose(1, 2).reshape(b * t, h, d).to(values.dtype))
-        read = batch.read_slots.view(-1)  # (B·W,): index_select, many times faster than indexing with (B, W)
+        if t == 1:
+            rows = []
+            for row, n in enumerate(batch.widths):
+                slots = batch.read_slots[row, :n]  # (n,) the row's keys lo..end-1
+                k_row = keys.index_select(0, slots).transpose(0, 1)[None].to(q.dtype)  # (1, H, n, D)
+                v_row = values.index_select(0, slots).transpose(0, 1)[None].to(q.dtype)
+                rows.append(F.scaled_dot_product_attention(q[row:row + 1], k_row, v_row))
+            return torch.cat(rows)  # (B, H, 1, D)
+        read = batch.read_slots.view(-1)  # (B·W,)
         w = batch.read_slots.size(1)
-        k_all = keys.index_select(0, read).view(b, w, h, d).transpose(1, 2)  # (B, H, W, D)
-        v_all = values.index_select(0, read).view(b, w, h, d).transpose(1, 2)
-        return k_all.to(k.dtype), v_all.to(v.dtype)
-
-    def append_window(self, k: Tensor, v: Tensor, window: int) -> tuple[Tensor, Tensor]:
-        """The same as `append`: the window is in `row_mask`, and only its keys are gathered."""
-        return self.append(k, v)
+        k_all = keys.index_select(0, read).view(b, w, h, d).transpose(1, 2).to(q.dtype)  # (B, H, W, D)
+        v_all = values.index_select(0, read).view(b, w, h, d).transpose(1, 2).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=batch.row_mask)  # no row lacks a key
 
 
 class PagedBatch:
@@ -154,6 +156,7 @@ class PagedBatch:
         lo = (self.length - window).clamp(min=0) if window is not None else torch.zeros_like(end)
         keys = lo[:, None] + torch.arange(int((end - lo).max()), device=device)  # (B, W) key positions
         real = keys < end[:, None]
+        self.widths = (end - lo).tolist()  # each row's number of keys
         blocks = table.gather(1, (keys // bt).clamp(max=width - 1)).clamp(min=0)  # stale or given back: slot 0..
         self.read_slots = torch.where(real, blocks * bt + keys % bt, 0)  # (B, W)
         may = real[:, None, :] & (keys[:, None, :] <= new[:, :, None])  # (B, T, W): causal

@@ -19,6 +19,9 @@ import sentencepiece as spm
 from transformer.errors import UserError
 
 MODEL_TYPES = ("bpe", "unigram", "char")
+# From this many sequences, decode in one batch call of sentencepiece: the call starts threads, 0.14 ms, where one
+# sequence decodes in 0.008 ms (2-core AMD EPYC: one by one was as fast up to 100 sequences).
+DECODE_BATCH = 64
 
 # SentencePiece's unigram trainer gives different models for different thread
 # counts, so training uses a fixed count rather than the machine's.
@@ -158,7 +161,10 @@ class Tokenizer:
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Detokenized text of each id list; pad, BOS and EOS ids are dropped wherever they are."""
         skip = self.special_ids
-        return self._sp.decode([[i for i in seq if i not in skip] for seq in ids])
+        kept = [[i for i in seq if i not in skip] for seq in ids]
+        if len(kept) < DECODE_BATCH:  # sentencepiece's batch call starts threads (see DECODE_BATCH)
+            return [self._sp.decode(seq) for seq in kept]
+        return self._sp.decode(kept)
 
     def id_to_piece(self, i: int) -> str:
         """The piece string of id `i`, e.g. ``"▁the"``."""
