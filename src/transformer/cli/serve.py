@@ -83,7 +83,8 @@ def serve_lm(args: argparse.Namespace, lm, name: str) -> None:
 
 
 def default_kv_blocks(cfg, sequences: int, block_tokens: int, element_bytes: int) -> int:
-    """Blocks for `sequences` sequences of the model's max_len, within `KV_BUDGET_BYTES` (keys and values, all layers)."""
+    """Blocks for `sequences` sequences of the model's max_len, within `KV_BUDGET_BYTES` (keys and values, all
+    layers)."""
     per_block = 2 * cfg.n_decoder_layers * block_tokens * cfg.d_model * element_bytes
     wanted = sequences * -(-cfg.max_len // block_tokens)
     return max(1, min(wanted, KV_BUDGET_BYTES // per_block))

@@ -132,7 +132,8 @@ class Scheduler:
         """Queue `sequence`; `ValueError` if the pool could never hold it."""
         need = self.blocks_needed(len(sequence.prompt), sequence.params.max_tokens)
         if need > self.pool.n_blocks:
-            raise ValueError(f"the prompt and max_tokens need {need} KV blocks, more than the pool's {self.pool.n_blocks}")
+            raise ValueError(f"the prompt and max_tokens need {need} KV blocks, more than the pool's "
+                             f"{self.pool.n_blocks}")
         self.waiting.append(sequence)
 
     @property
@@ -185,7 +186,9 @@ class Scheduler:
         while self.waiting and len(self.running) + len(joined) < self.cfg.max_running:
             s = self.waiting[0]
             need = self.blocks_needed(len(s.prompt), s.params.max_tokens)
-            if self._reserved + need > self.pool.n_blocks or (joined and tokens + len(s.prompt) > self.cfg.max_prefill_tokens):
+            # (static batching forms its whole batch at once: none could join later)
+            over_budget = joined and tokens + len(s.prompt) > self.cfg.max_prefill_tokens and not self.cfg.static
+            if self._reserved + need > self.pool.n_blocks or over_budget:
                 break
             self.waiting.popleft()
             s.reserved, self._reserved = need, self._reserved + need

@@ -123,8 +123,10 @@ class PagedLayer:
             rows = []
             for row, n in enumerate(batch.widths):
                 slots = batch.read_slots[row, :n]  # (n,) the row's keys lo..end-1
-                k_row = keys.index_select(0, slots).transpose(0, 1)[None].to(q.dtype)  # (1, H, n, D)
-                v_row = values.index_select(0, slots).transpose(0, 1)[None].to(q.dtype)
+                k_row = keys.index_select(0, slots).transpose(0, 1)[None]  # (1, H, n, D)
+                v_row = values.index_select(0, slots).transpose(0, 1)[None]
+                if k_row.dtype != q.dtype:  # a pool kept in another precision than the model computes in
+                    k_row, v_row = k_row.to(q.dtype), v_row.to(q.dtype)
                 rows.append(F.scaled_dot_product_attention(q[row:row + 1], k_row, v_row))
             return torch.cat(rows)  # (B, H, 1, D)
         read = batch.read_slots.view(-1)  # (B·W,)

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from transformer.inference.scheduler import Output, SamplingParams, Scheduler, Sequence
 from transformer.serve.batcher import QueueFull
@@ -160,6 +160,4 @@ class Generator:
 
 def _seeded(params: SamplingParams, i: int) -> SamplingParams:
     """The settings of a request's i-th choice: its seed + i, so that n choices differ and repeat."""
-    if i == 0 or params.seed is None:
-        return params
-    return SamplingParams(**{**vars(params), "seed": params.seed + i})
+    return params if i == 0 or params.seed is None else replace(params, seed=params.seed + i)

@@ -144,7 +144,7 @@ def create_lm_app(model: DecoderOnly, tokenizer: Tokenizer, name: str, schedulin
                            {"Retry-After": str(RETRY_AFTER_S)}) from None
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
-        usage_of = _usage(sum(map(len, prompts)) * body.n)
+        usage_of = _usage(sum(map(len, prompts)))  # each prompt once, however many choices (as OpenAI counts)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(_events(pending, generator, head, usage_of if include_usage else None,
@@ -252,32 +252,50 @@ async def _collect(pending: Pending, request: Request, timeout_s: float) -> tupl
                 raise _failed(out.finish, timeout_s)
             finish[i] = out.finish
             pending.left -= 1
-    choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish))]
+    choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+               for i, (text, reason) in enumerate(zip(texts, finish))]
     return choices, sum(len(s.generated) for s in pending.sequences)
 
 
 async def _events(pending: Pending, generator: Generator, head: dict, usage_of, timeout_s: float
                   ) -> AsyncIterator[str]:
-    """The server-sent events of a streamed completion; the request is given up however the stream ends."""
+    """The server-sent events of a streamed completion; the request is given up however the stream ends.
+
+    One event per choice for what its sequence gained since the last event: a token's text, or the text of
+    the few tokens that came while this stream was waiting to send (so that a busy server sends fewer, larger
+    events rather than falling behind).
+    """
     try:
         while pending.left:
-            out = await pending.outputs.get()
-            if out.finish is not None and out.finish not in ("stop", "length"):
-                error = _failed(out.finish, timeout_s)
+            outputs = [await pending.outputs.get()]
+            while not pending.outputs.empty():
+                outputs.append(pending.outputs.get_nowait())
+            failed = next((o for o in outputs if o.finish not in (None, "stop", "length")), None)
+            if failed is not None:
+                error = _failed(failed.finish, timeout_s)
                 yield _sse({"error": {"message": error.message, "type": "server_error", "param": None,
                                       "code": error.code}})
                 break
-            if out.text or out.finish:
-                choice = {"index": out.sequence.index, "text": out.text, "logprobs": None, "finish_reason": out.finish}
-                yield _sse({**head, "choices": [choice]})
-            if out.finish is not None:
-                pending.left -= 1
+            for index, (text, finish) in _merged(outputs).items():
+                if text or finish:
+                    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+                    yield _sse({**head, "choices": [choice]})
+                pending.left -= finish is not None
         else:
             if usage_of is not None:
                 yield _sse({**head, "choices": [], "usage": usage_of(sum(len(s.generated) for s in pending.sequences))})
         yield "data: [DONE]\n\n"
     finally:
         generator.done(pending)
+
+
+def _merged(outputs: list) -> dict[int, tuple[str, str | None]]:
+    """Outputs in order -> per choice index, its texts joined and its finish (if one came)."""
+    merged: dict[int, tuple[str, str | None]] = {}
+    for out in outputs:
+        text, finish = merged.get(out.sequence.index, ("", None))
+        merged[out.sequence.index] = (text + out.text, out.finish or finish)
+    return merged
 
 
 def _sse(data: dict) -> str:
