@@ -161,10 +161,12 @@ class PagedBatch:
         self.widths = (end - lo).tolist()  # each row's number of keys
         blocks = table.gather(1, (keys // bt).clamp(max=width - 1)).clamp(min=0)  # stale or given back: slot 0..
         self.read_slots = torch.where(real, blocks * bt + keys % bt, 0)  # (B, W)
-        may = real[:, None, :] & (keys[:, None, :] <= new[:, :, None])  # (B, T, W): causal
-        if window is not None:
-            may &= new[:, :, None] - keys[:, None, :] <= window
-        self.row_mask = may[:, None]  # (B, 1, T, W)
+        self.row_mask = None  # a decoding step needs none (`PagedLayer.attend`)
+        if t > 1:  # which keys each new position may see: the row's real keys, causal, within the window
+            may = real[:, None, :] & (keys[:, None, :] <= new[:, :, None])  # (B, T, W)
+            if window is not None:
+                may &= new[:, :, None] - keys[:, None, :] <= window
+            self.row_mask = may[:, None]  # (B, 1, T, W)
         self.self_attn = [PagedLayer(self, i) for i in range(n_layers)]
         self.cross_attn = [None] * n_layers  # a decoder-only model attends to no memory
 

@@ -59,16 +59,24 @@ class ServeConfig:
         return self.max_sentences * (12 * self.max_chars + 8) + 4096
 
 
-def _unicode(text: str | list[str]) -> str | list[str]:
-    """`text`, if every sentence is Unicode text: JSON can carry lone surrogates ("\\ud800"), which are not."""
-    for i, line in enumerate([text] if isinstance(text, str) else text, start=1):
-        try:
-            line.encode("utf-8")
-        except UnicodeEncodeError as e:
-            which = "the sentence" if isinstance(text, str) else f"sentence {i}"
-            raise PydanticCustomError("unicode", f"{which} is not Unicode text: a lone surrogate "
-                                                 f"(U+{ord(line[e.start]):04X}) at character {e.start + 1}") from None
-    return text
+def unicode_texts(noun: str):
+    """A pydantic validator of a str or a list of str: each must be Unicode text (JSON can carry lone
+    surrogates, "\\ud800", which are not); the error names "the NOUN" or "NOUN i" and where."""
+
+    def check(text: str | list[str]) -> str | list[str]:
+        for i, line in enumerate([text] if isinstance(text, str) else text, start=1):
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as e:
+                which = f"the {noun}" if isinstance(text, str) else f"{noun} {i}"
+                where = f"(U+{ord(line[e.start]):04X}) at character {e.start + 1}"
+                raise PydanticCustomError("unicode", f"{which} is not Unicode text: a lone surrogate {where}") from None
+        return text
+
+    return check
+
+
+_unicode = unicode_texts("sentence")
 
 
 class TranslateRequest(BaseModel):

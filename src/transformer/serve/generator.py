@@ -127,7 +127,7 @@ class Generator:
         with self._cond:
             while True:
                 while self._inbox:
-                    self.scheduler.add(self._inbox.popleft())
+                    self._add(self._inbox.popleft())
                 if self.scheduler.busy:
                     if self.scheduler.cfg.static and not self.scheduler.running:
                         self._cond.wait(self.scheduler.cfg.static_wait_s / 2)  # company may come
@@ -135,6 +135,15 @@ class Generator:
                 if self._stopping:
                     return False
                 self._cond.wait()
+
+    def _add(self, sequence: Sequence) -> None:
+        """Into the scheduler; one it refuses (the app checks the pool's size first) ends with "error"."""
+        try:
+            self.scheduler.add(sequence)
+        except ValueError:
+            log.exception("a sequence was refused")
+            sequence.finish = "error"
+            self._deliver([Output(sequence, "", "error")], 0.0)
 
     def _deliver(self, outputs: list[Output], seconds: float) -> None:
         """Hand each output to its request's queue; record the step's metrics."""

@@ -36,7 +36,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import AfterValidator, BaseModel, Field
-from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -44,7 +43,7 @@ from transformer.errors import UserError
 from transformer.inference.lm import prompt_ids
 from transformer.inference.scheduler import SamplingParams, Scheduler, SchedulerConfig
 from transformer.model.models import DecoderOnly
-from transformer.serve.app import RETRY_AFTER_S, BodyLimit, BodyTooLarge
+from transformer.serve.app import RETRY_AFTER_S, BodyLimit, BodyTooLarge, unicode_texts
 from transformer.serve.batcher import QueueFull
 from transformer.serve.generator import Generator, Request as Pending
 from transformer.serve.metrics import LMMetrics
@@ -80,25 +79,14 @@ def _error(status: int, message: str, code: str | None = None, headers: dict | N
                         status_code=status, headers=headers)
 
 
-def _unicode(prompt: str | list[str]) -> str | list[str]:
-    """`prompt`, if it is Unicode text: JSON can carry lone surrogates ("\\ud800"), which are not."""
-    for i, text in enumerate([prompt] if isinstance(prompt, str) else prompt, start=1):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            which = "the prompt" if isinstance(prompt, str) else f"prompt {i}"
-            raise PydanticCustomError("unicode", f"{which} is not Unicode text: a lone surrogate "
-                                                 f"(U+{ord(text[e.start]):04X}) at character {e.start + 1}") from None
-    return prompt
-
-
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
 class CompletionRequest(BaseModel):
     model: str | None = Field(None, description="the served model's name (GET /v1/models), or omitted")
-    prompt: Annotated[str | list[str], AfterValidator(_unicode)] = Field(description="a prompt, or a list of them")
+    prompt: Annotated[str | list[str], AfterValidator(unicode_texts("prompt"))] = Field(
+        description="a prompt, or a list of them")
     max_tokens: int = Field(16, ge=1, description="the most tokens to generate per choice")
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False, description="0: greedy")
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="nucleus sampling's mass")

@@ -8,16 +8,20 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def _request_metrics(r: CollectorRegistry) -> tuple[Counter, Histogram]:
+    """Every server's: HTTP requests answered by endpoint and status, and their time by endpoint."""
+    return (Counter("transformer_requests", "HTTP requests answered, by endpoint and status", ["endpoint", "status"],
+                    registry=r),
+            Histogram("transformer_request_seconds", "time to answer a request, by endpoint", ["endpoint"],
+                      buckets=LATENCY_BUCKETS, registry=r))
+
+
 class Metrics:
     """Requests by endpoint and status, their latency, batch sizes, queue depth and decoding speed."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("transformer_requests", "HTTP requests answered, by endpoint and status",
-                                ["endpoint", "status"], registry=r)
-        self.latency = Histogram("transformer_request_seconds", "time to answer a request, by endpoint",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.registry = r = CollectorRegistry()
+        self.requests, self.latency = _request_metrics(r)
         self.batch_sentences = Histogram("transformer_batch_sentences", "sentences per decoded batch",
                                          buckets=BATCH_BUCKETS, registry=r)
         self.queue = Gauge("transformer_queue_sentences", "sentences waiting for a batch", registry=r)
@@ -49,12 +53,8 @@ class LMMetrics:
     """A language model server's: requests, time to first token, inter-token latency, tokens/s, sequences, KV blocks."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("transformer_requests", "HTTP requests answered, by endpoint and status",
-                                ["endpoint", "status"], registry=r)
-        self.latency = Histogram("transformer_request_seconds", "time to answer a request, by endpoint",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.registry = r = CollectorRegistry()
+        self.requests, self.latency = _request_metrics(r)
         self.first_token = Histogram("transformer_lm_time_to_first_token_seconds",
                                      "from a sequence's arrival to its first token", buckets=LATENCY_BUCKETS,
                                      registry=r)
