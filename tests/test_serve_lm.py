@@ -164,7 +164,8 @@ def test_the_openai_client_raises_its_own_errors(client, lm_dir):
 
 
 def test_overload_gets_fast_503s_and_the_server_stays_healthy(lm_dir):
-    server = ServeProcess(lm_dir, "--batch-size", "1", "--max-queue", "2", "--timeout-s", "60")
+    server = ServeProcess(lm_dir, "--batch-size", "1", "--max-queue", "2", "--timeout-s", "60",
+                          "--max-new-tokens", "100")
     try:
         async def burst():
             async with httpx.AsyncClient(timeout=60) as http:
@@ -185,6 +186,8 @@ def test_overload_gets_fast_503s_and_the_server_stays_healthy(lm_dir):
         assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
         after = httpx.post(f"{server.url}/v1/completions", json={"prompt": "O", "max_tokens": 3}, timeout=30)
         assert after.status_code == 200
+        over = httpx.post(f"{server.url}/v1/completions", json={"prompt": "O", "max_tokens": 101}, timeout=30)
+        assert over.status_code == 422 and "limit of 100" in over.json()["error"]["message"]  # --max-new-tokens
     finally:
         server.stop()
 

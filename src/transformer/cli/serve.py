@@ -37,7 +37,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-blocks", type=number(int, 1),
                    help="KV cache blocks in the pool, shared by the running sequences (default: --batch-size "
                         "sequences of the model's max_len, at most 1 GiB)")
-    g.add_argument("--max-tokens", type=number(int, 1),
+    g.add_argument("--max-new-tokens", type=number(int, 1),
                    help="the most tokens a request may ask for (default: the model's max_len)")
     g.add_argument("--max-sequences", type=number(int, 1), default=64,
                    help="sequences per request: prompts x n (else 413)")
@@ -73,7 +73,7 @@ def serve_lm(args: argparse.Namespace, lm, name: str) -> None:
                                                  next(lm.model.parameters()).element_size())
     scheduling = SchedulerConfig(kv_blocks=blocks, kv_block_tokens=args.kv_block_tokens, max_running=args.batch_size,
                                  static=args.batching == "static", static_wait_s=args.max_wait_ms / 1000)
-    serving = LMServeConfig(timeout_s=args.timeout_s, max_queue=args.max_queue, max_tokens=args.max_tokens,
+    serving = LMServeConfig(timeout_s=args.timeout_s, max_queue=args.max_queue, max_tokens=args.max_new_tokens,
                             max_sequences=args.max_sequences)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
