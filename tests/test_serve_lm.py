@@ -119,8 +119,10 @@ def test_a_client_that_goes_away_frees_its_sequence_and_blocks(server, lm_dir):
                 break  # leave mid-stream: the connection closes
     end = time.monotonic() + 10
     while time.monotonic() < end and (_metric(server.url, "transformer_lm_kv_blocks_used") > 0
-                                      or _metric(server.url, "transformer_lm_running_sequences") > 0):
+                                      or _metric(server.url, "transformer_lm_running_sequences") > 0
+                                      or _metric(server.url, "transformer_requests_in_flight") > 0):
         time.sleep(0.1)
+    assert _metric(server.url, "transformer_requests_in_flight") == 0  # it counts against --max-queue no more
     assert _metric(server.url, "transformer_lm_kv_blocks_used") == 0
     assert _metric(server.url, "transformer_lm_running_sequences") == 0
     assert _metric(server.url, "transformer_lm_kv_blocks_free") > 0

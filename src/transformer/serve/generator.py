@@ -6,7 +6,8 @@ joins the running batch within one step. After every step the model thread hands
 sequence's new text to its request's `asyncio.Queue` through the event loop, and records the
 metrics (time to first token, inter-token latency, tokens per second, running and waiting
 sequences, KV blocks). A request that goes away (`Request.cancel`: a client that disconnects,
-a deadline) leaves at the next step, its blocks back in the pool.
+a deadline) leaves at the next step, its blocks back in the pool. Every sequence ends with exactly
+one output whose `finish` is set (also "cancelled", "timeout" or "error").
 
 At most `max_queue` requests are accepted and unanswered at once; one more gets `QueueFull`
 at once. A step that fails ends every sequence it held (finish "error") and the thread goes on.
@@ -34,10 +35,11 @@ class Request:
 
     sequences: list[Sequence]
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
-    left: int = 0  # sequences not ended
+    left: int = 0  # sequences whose end the request has not read yet (event loop)
+    unfinished: int = 0  # sequences the model thread has not ended (model thread)
 
     def __post_init__(self) -> None:
-        self.left = len(self.sequences)
+        self.left = self.unfinished = len(self.sequences)
 
     def cancel(self) -> None:
         """Let every sequence go at the next step (from any thread)."""
@@ -91,9 +93,10 @@ class Generator:
             self._cond.notify()
         return request
 
-    def done(self, request: Request) -> None:
-        """(event loop) The request is answered (or gone): it no longer counts against `max_queue`."""
-        request.cancel()
+    def _answered(self) -> None:
+        """(event loop) A request's last sequence has ended: it no longer counts against `max_queue`. Counted
+        from the model thread's side, so that a request counts until its sequences are gone whatever its
+        client did (a stream that never started reading included)."""
         self._accepted -= 1
         self.metrics.accepted.set(self._accepted)
 
@@ -159,11 +162,15 @@ class Generator:
                     self.metrics.first_token.observe(now - s.arrived)
                 self._last[key] = now
             request = self._requests.get(key)
+            if request is None:  # the warm-up's
+                continue
+            self._loop.call_soon_threadsafe(request.outputs.put_nowait, out)
             if out.finish is not None:
-                self._requests.pop(key, None)
+                del self._requests[key]
                 self._last.pop(key, None)
-            if request is not None:
-                self._loop.call_soon_threadsafe(request.outputs.put_nowait, out)
+                request.unfinished -= 1
+                if request.unfinished == 0:
+                    self._loop.call_soon_threadsafe(self._answered)
         self.metrics.step(tokens, seconds, self.scheduler)
 
 

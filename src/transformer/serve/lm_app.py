@@ -135,13 +135,12 @@ def create_lm_app(model: DecoderOnly, tokenizer: Tokenizer, name: str, schedulin
         usage_of = _usage(sum(map(len, prompts)))  # each prompt once, however many choices (as OpenAI counts)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_events(pending, generator, head, usage_of if include_usage else None,
-                                             cfg.timeout_s),
+            return StreamingResponse(_events(pending, head, usage_of if include_usage else None, cfg.timeout_s),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             choices, tokens = await _collect(pending, request, cfg.timeout_s)
         finally:
-            generator.done(pending)
+            pending.cancel()  # nothing more is read: what still runs stops
         return JSONResponse({**head, "choices": choices, "usage": usage_of(tokens)})
 
     @app.get("/v1/models")
@@ -245,8 +244,7 @@ async def _collect(pending: Pending, request: Request, timeout_s: float) -> tupl
     return choices, sum(len(s.generated) for s in pending.sequences)
 
 
-async def _events(pending: Pending, generator: Generator, head: dict, usage_of, timeout_s: float
-                  ) -> AsyncIterator[str]:
+async def _events(pending: Pending, head: dict, usage_of, timeout_s: float) -> AsyncIterator[str]:
     """The server-sent events of a streamed completion; the request is given up however the stream ends.
 
     One event per choice for what its sequence gained since the last event: a token's text, or the text of
@@ -274,7 +272,7 @@ async def _events(pending: Pending, generator: Generator, head: dict, usage_of, 
                 yield _sse({**head, "choices": [], "usage": usage_of(sum(len(s.generated) for s in pending.sequences))})
         yield "data: [DONE]\n\n"
     finally:
-        generator.done(pending)
+        pending.cancel()  # nothing more is read: what still runs stops
 
 
 def _merged(outputs: list) -> dict[int, tuple[str, str | None]]:
