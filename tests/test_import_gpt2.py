@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -196,3 +197,26 @@ def test_lm_train_fine_tunes_the_imported_model(imported, tmp_path):
     first = [r["loss"] for r in records if r["kind"] == "train"][0]
     assert len(valid) == 2 and valid[-1] < first
     assert (out / "tokenizer.model").read_bytes() == (imported / "tokenizer.model").read_bytes()
+
+
+def test_a_gpt2_folder_is_served_over_the_openai_api(gpt2, hf_tokenizer):
+    """`transformer serve` on the Hugging Face folder itself: the greedy completion of Hugging Face's generate,
+    detokenized piece by piece through the byte-level BPE."""
+    from serve_process import ServeProcess
+
+    folder, hf = gpt2
+    prompt = "First Citizen:\nBefore we proceed"
+    ids = hf_tokenizer(prompt)["input_ids"]
+    expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           max_new_tokens=30, do_sample=False, num_beams=1, eos_token_id=None,
+                           pad_token_id=hf_tokenizer.eos_token_id)[0].tolist()
+    whole, base = hf_tokenizer.decode(expected, skip_special_tokens=True), hf_tokenizer.decode(ids)
+    server = ServeProcess(folder, "--batch-size", "4")
+    try:
+        answer = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+            "model": folder.name, "prompt": prompt, "max_tokens": 30, "temperature": 0, "ignore_eos": True})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["text"] == whole[len(base):]
+        assert answer.json()["usage"]["prompt_tokens"] == len(ids)
+    finally:
+        server.stop()

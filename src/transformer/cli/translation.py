@@ -115,7 +115,8 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _hf_lm(path: str) -> bool:
-    """Whether a Hugging Face folder holds a language model (GPT-2: the decoder-only family `transformer import` takes)."""
+    """Whether a Hugging Face folder holds a language model (GPT-2, the decoder-only family that `transformer
+    import` takes)."""
     from transformer.pretrained.folder import HFFolder
 
     return HFFolder.open(path).model_type == "gpt2"
