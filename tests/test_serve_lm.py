@@ -207,3 +207,13 @@ def test_sigterm_lets_a_running_stream_finish(lm_dir):
         assert server.proc.wait(30) == 0
     finally:
         server.stop()
+
+
+def test_a_ctranslate2_export_of_a_language_model_is_refused_in_one_line(lm_dir, tmp_path, capsys):
+    from transformer.cli import main
+
+    assert main(["export", "--model", str(lm_dir), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 0
+    capsys.readouterr()
+    assert main(["serve", "--model", str(tmp_path / "ct2"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "serve the run it was exported from" in err

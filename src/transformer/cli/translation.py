@@ -102,16 +102,30 @@ def _serve(args: argparse.Namespace) -> None:
     """A translation model's server, or a language model's (the OpenAI completions API) after --model's kind."""
     from transformer.api.load import load_as, serving_engine
     from transformer.api.text import LanguageModel
-    from transformer.store.kinds import is_huggingface_dir, model_kind
+    from transformer.store.kinds import model_kind
 
     needs_extra("serve", "serve", "fastapi", "uvicorn", "prometheus_client")
     flags.required(args, "model")
     name = Path(args.model).resolve().name
-    if model_kind(args.model) == "lm" or (is_huggingface_dir(args.model) and _hf_lm(args.model)):
+    kind = model_kind(args.model)
+    if kind == "lm" or (kind == "huggingface" and _hf_lm(args.model)):
         serving.serve_lm(args, load_as(LanguageModel, args.model, device=args.device), name)
         return
+    if kind == "ctranslate2" and _ct2_arch(args.model) == "decoder":
+        raise UserError(f"{args.model}: a CTranslate2 export of a language model is not served (continuous "
+                        "batching needs our decoding steps); serve the run it was exported from")
     flags.needs_engine(args)
     serving.serve(args, serving_engine(_translator(args), name, flags.search_config(args)))
+
+
+def _ct2_arch(path: str) -> str | None:
+    """The architecture in the model config of a `transformer export --to ctranslate2` folder."""
+    from transformer.store.kinds import CT2_CONFIG
+
+    try:
+        return json.loads((Path(path) / CT2_CONFIG).read_text(encoding="utf-8"))["model"].get("arch")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # loading it says what is wrong
 
 
 def _hf_lm(path: str) -> bool:
