@@ -361,7 +361,7 @@ def fmt(v: float | None, digits: int = 0) -> str:
     return "–" if v is None else f"{v:,.{digits}f}"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="a run of `transformer lm train` (default: a `small` one, made here)")
     p.add_argument("--cache", type=Path, default=Path("/tmp/transformer-bench/serve_lm-small-bpe-512"),
@@ -381,22 +381,13 @@ def main() -> None:
     p.add_argument("--server-flags", default="", help="more flags for every server, e.g. '--kv-blocks 4096'")
     p.add_argument("--timeout", type=float, default=900.0, help="client timeout (s); servers get --timeout-s too")
     p.add_argument("--out", type=Path, help="also write the rows as JSON here")
-    args = p.parse_args()
+    return p.parse_args()
 
-    import torch
 
-    import transformer
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run = args.model or make_model(args.cache, args.train_steps)
-    config = json.loads((Path(run) / "config.json").read_text())["model"]
-    tokenizer = transformer.load(str(run)).tokenizer
-    pool = request_pool(tokenizer, args.pool, args.seed, tuple(args.prompt_tokens), tuple(args.max_tokens))
+def run_cells(args: argparse.Namespace, run, config: dict, pool: list[dict], concurrency: list[int]) -> list[dict]:
+    """Every mode's cells, one server at a time; the rows, as they come also printed to stderr."""
     warm = dict(pool[0], max_tokens=16)  # one short request to each system before its cells
     extra = shlex.split(args.server_flags) + ["--timeout-s", f"{args.timeout:g}"]
-    concurrency = sorted(set(args.concurrency))
-
     rows: list[dict] = []
 
     def record(row: dict) -> None:
@@ -427,6 +418,12 @@ def main() -> None:
             if code not in (0, -signal.SIGTERM):
                 print(f"  the {mode} server exited with {code}; its stderr ends:\n{server.stderr()[-3000:]}",
                       file=sys.stderr, flush=True)
+    return rows
+
+
+def report(args: argparse.Namespace, run, config: dict, rows: list[dict], concurrency: list[int]) -> None:
+    """The Markdown table of the rows, the machine, the model and the ratios; the JSON file with --out."""
+    import torch
 
     threads = args.threads or torch.get_num_threads()
     shape = (f"{config['n_decoder_layers']} layers, d_model {config['d_model']}, {config['n_heads']} heads, "
@@ -459,6 +456,25 @@ def main() -> None:
         args.out.write_text(json.dumps({"machine": machine(), "threads": threads, "model": str(run),
                                         "config": config, "args": {k: str(v) for k, v in vars(args).items()},
                                         "rows": rows}, indent=1))
+
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    import transformer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = args.model or make_model(args.cache, args.train_steps)
+    config = json.loads((Path(run) / "config.json").read_text())["model"]
+    tokenizer = transformer.load(str(run)).tokenizer
+    pool = request_pool(tokenizer, args.pool, args.seed, tuple(args.prompt_tokens), tuple(args.max_tokens))
+    concurrency = sorted(set(args.concurrency))
+
+    rows = run_cells(args, run, config, pool, concurrency)
+    report(args, run, config, rows, concurrency)
 
 
 if __name__ == "__main__":

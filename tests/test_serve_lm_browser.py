@@ -127,5 +127,6 @@ def test_stop_aborts_the_stream_and_the_server_frees_the_sequence(url, page):
             break
         assert time.monotonic() < end, f"{GAUGE} still {values} 10 s after Stop"
         time.sleep(0.1)
-    if generated:  # the server cut the sequence short rather than generating all of it
-        assert _metric(url, "transformer_lm_generated_tokens_total")[0] - generated[0] < longest
+    assert generated, "no transformer_lm_generated_tokens_total in /metrics"
+    # the server cut the sequence short rather than generating all of it
+    assert _metric(url, "transformer_lm_generated_tokens_total")[0] - generated[0] < longest

@@ -124,12 +124,7 @@ def create_lm_app(model: DecoderOnly, tokenizer: Tokenizer, name: str, schedulin
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {name!r}",
                            "model_not_found")
         prompts = _prompts(body, tokenizer, model.cfg.max_len, cfg, scheduler)
-        params = _params(body)
-        try:
-            pending = generator.submit(prompts, params, body.n, cfg.timeout_s)
-        except QueueFull:
-            raise ApiError(503, "the server is busy: too many requests are unanswered; retry later", "max_queue",
-                           {"Retry-After": str(RETRY_AFTER_S)}) from None
+        pending = _submit(generator, prompts, body, cfg.timeout_s)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
         usage_of = _usage(sum(map(len, prompts)))  # each prompt once, however many choices (as OpenAI counts)
@@ -196,6 +191,15 @@ def _prompts(body: CompletionRequest, tokenizer: Tokenizer, max_len: int, cfg: L
                                 f"server's {scheduler.pool.n_blocks}", "kv_blocks")
         prompts.append(ids)
     return prompts
+
+
+def _submit(generator: Generator, prompts: list[list[int]], body: CompletionRequest, timeout_s: float) -> Pending:
+    """The request's sequences handed to the model thread; `ApiError` 503 when `max_queue` are unanswered."""
+    try:
+        return generator.submit(prompts, _params(body), body.n, timeout_s)
+    except QueueFull:
+        raise ApiError(503, "the server is busy: too many requests are unanswered; retry later", "max_queue",
+                       {"Retry-After": str(RETRY_AFTER_S)}) from None
 
 
 def _params(body: CompletionRequest) -> SamplingParams:
